@@ -1,0 +1,91 @@
+"""Command line: ``python -m pruning_bridge eval --model SPEC --task {mmlu,gsm8k,perplexity}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from .evals import EvalResult
+
+
+def _evaluate(args: argparse.Namespace) -> EvalResult:
+    from .data import load_wikitext2
+    from .evals import default_window, gsm8k_accuracy, mmlu_accuracy, perplexity
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    common = dict(seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size)
+    if args.task == "mmlu":
+        result = mmlu_accuracy(model, tokenizer, shots=args.shots or 0,
+                               limit=args.limit or 451, **common)
+    elif args.task == "gsm8k":
+        shots = 8 if args.shots is None else args.shots
+        result = gsm8k_accuracy(model, tokenizer, shots=shots, limit=args.limit or 131,
+                                max_new_tokens=args.max_new_tokens, **common)
+    else:
+        window = args.window or default_window(model)
+        value = perplexity(model, tokenizer, load_wikitext2("test", args.data_dir), window=window,
+                           max_windows=args.limit, batch_size=args.batch_size)
+        result = EvalResult(task="perplexity", metric="perplexity", value=value,
+                            settings={"window": window, "limit": args.limit,
+                                      "text": "wikitext-2-raw-v1 test"})
+    result.settings = {"model": args.model, "dtype": args.dtype, **result.settings}
+    return result
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on MMLU, GSM8K or WikiText-2 perplexity")
+    p.add_argument("--model", required=True,
+                   help="hub id, local checkpoint directory, smollm2-135m or tiny-{gpt2,qwen3,llama}")
+    p.add_argument("--task", required=True, choices=["mmlu", "gsm8k", "perplexity"])
+    p.add_argument("--limit", type=int, default=None,
+                   help="questions (MMLU, default 451), problems (GSM8K, default 131) or "
+                        "perplexity windows (default: all)")
+    p.add_argument("--shots", type=int, default=None, help="MMLU default 0, GSM8K default 8")
+    p.add_argument("--window", type=int, default=None,
+                   help="perplexity window (default min(context, 2048))")
+    p.add_argument("--data-dir", default=None,
+                   help="local data laid out like the originals (e.g. ../shared/data); "
+                        "default: the Hugging Face hub")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation length")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    result = _evaluate(args)
+    result.settings["seconds"] = round(time.perf_counter() - start, 2)
+    print(result)
+    if args.out:
+        print(f"wrote {result.to_json(args.out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pruning_bridge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DataNotFoundError
+    from .models import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ModelLoadError, DataNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Perplexity over non-overlapping windows of a long text (the Wanda / SparseGPT protocol).
+
+The whole text is tokenized once with the tokenizer's defaults, cut into windows of ``window``
+tokens (the last partial window is dropped), and perplexity is exp of the mean negative
+log-likelihood over every predicted token (``window - 1`` per window).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from .lm import forward_logits
+
+
+def default_window(model, cap: int = 2048) -> int:
+    """min(model context, ``cap``)."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                          None)
+    return min(context or cap, cap)
+
+
+def perplexity(model, tokenizer: PreTrainedTokenizerBase, text: str, window: int | None = None,
+               max_windows: int | None = None, batch_size: int = 1,
+               progress: bool = True) -> float:
+    """exp(mean NLL) of ``model`` over non-overlapping ``window``-token windows of ``text``."""
+    window = window or default_window(model)
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}.")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    n_windows = len(ids) // window
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"The text has {len(ids)} tokens, fewer than one window of {window}; "
+                         f"pass a smaller window or a longer text.")
+    windows = ids[: n_windows * window].view(n_windows, window)
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress):
+        batch = windows[start:start + batch_size]
+        logits = forward_logits(model, batch)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                              batch[:, 1:].flatten().to(logits.device), reduction="none")
+        total_nll += nll.double().sum().item()  # accumulate in float64
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
