@@ -1,0 +1,302 @@
+"""HookBridge: TransformerLens hook-point names on Hugging Face causal LMs, through nnsight.
+
+    bridge = HookBridge(model, tokenizer)
+    logits, cache = bridge.run_with_cache("Hello world", names=["blocks.3.hook_resid_post"])
+    with bridge.hooks([("blocks.3.attn.hook_z", zero_head_2)]):
+        logits = bridge("Hello world")
+        text = bridge.generate("Hello", max_new_tokens=20)
+
+Activations have TransformerLens shapes (``[batch, pos, d_model]``; per head
+``[batch, pos, head, d_head]``). A hook ``fn(activation, name)`` may return a replacement (or
+edit in place and return None). The wrapped model's weights are never changed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from contextlib import contextmanager
+from copy import deepcopy
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .adapters import Adapter, adapter_for
+
+HookFn = Callable[[Tensor, str], Tensor | None]
+Names = Iterable[str] | Callable[[str], bool] | None
+
+
+class UnknownHookError(KeyError):
+    """A hook name that the bridge does not provide; the message lists the closest ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ActivationCache(dict):
+    """Cached activations by hook name, plus the batch's ``attention_mask`` (1 = real token)."""
+
+    def __init__(self, values: dict[str, Tensor], attention_mask: Tensor):
+        super().__init__(values)
+        self.attention_mask = attention_mask
+
+    def __missing__(self, name: str) -> Tensor:
+        close = difflib.get_close_matches(name, list(self), n=5, cutoff=0.5)
+        raise UnknownHookError(f"{name!r} is not in this cache (cached: {len(self)} names"
+                               + (f"; closest: {', '.join(close)}" if close else "") + ").")
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _layer_of(name: str) -> int | None:
+    match = re.match(r"blocks\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+class HookBridge:
+    """TransformerLens hook names, caching and hooks on an HF model (Llama, Qwen2, Qwen3, GPT-2)."""
+
+    def __init__(self, model, tokenizer=None):
+        from nnsight import LanguageModel
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter: Adapter = adapter_for(model)
+        self.config = model.config
+        # nnsight sets the tokenizer's pad token and padding side: give it a copy.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.lm = LanguageModel(model, tokenizer=deepcopy(tokenizer) if tokenizer else None)
+        self._hooks: list[tuple[str, HookFn]] = []
+        n = self.adapter.n_layers
+        per_layer = [name for point in self.adapter.layer_points for name in point.names]
+        self.hook_names: list[str] = (
+            ["hook_embed"]
+            + [f"blocks.{layer}.{name}" for layer in range(n) for name in per_layer]
+            + ["ln_final.hook_normalized"])
+        self._order = {name: i for i, name in enumerate(self.hook_names)}
+
+    # ---------------------------------------------------------------- the model-like surface
+    def parameters(self):
+        return self.model.parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:
+        return (f"HookBridge({self.adapter.family}, {self.adapter.n_layers} layers, "
+                f"{len(self._hooks)} active hooks)")
+
+    # ---------------------------------------------------------------- names
+    def resolve(self, names: Names) -> list[str]:
+        """Hook names (a list, a predicate, or None for all) checked and in execution order."""
+        if names is None:
+            return list(self.hook_names)
+        if callable(names):
+            return [n for n in self.hook_names if names(n)]
+        if isinstance(names, str):
+            names = [names]
+        names = list(dict.fromkeys(names))
+        for name in names:
+            if name not in self._order:
+                close = difflib.get_close_matches(name, self.hook_names, n=5, cutoff=0.6)
+                raise UnknownHookError(
+                    f"Unknown hook name {name!r} for this {self.adapter.family} model with "
+                    f"{self.adapter.n_layers} layers."
+                    + (f" Closest valid names: {', '.join(close)}." if close else "")
+                    + " See bridge.hook_names for all of them.")
+        return sorted(names, key=self._order.__getitem__)
+
+    # ---------------------------------------------------------------- inputs
+    def to_tokens(self, inputs, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Token ids and attention mask for a string, list of strings (left-padded) or tensor."""
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str):
+            if self.tokenizer is None:
+                raise ValueError("Pass a tokenizer to HookBridge to run on text.")
+            side = self.tokenizer.padding_side
+            self.tokenizer.padding_side = "left"
+            try:
+                enc = self.tokenizer(list(inputs), return_tensors="pt", padding=True)
+            finally:
+                self.tokenizer.padding_side = side
+            ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            ids = torch.as_tensor(inputs)
+            if ids.ndim == 1:
+                ids = ids[None]
+            if attention_mask is None:
+                attention_mask = torch.ones_like(ids)
+        device = self.device
+        return ids.to(device), attention_mask.to(device)
+
+    # ---------------------------------------------------------------- the interleaved work
+    def _envoy(self, path: str):
+        envoy = self.lm
+        for part in path.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy
+
+    def _interleave(self, hooks: dict[str, list[HookFn]], cached: set[str],
+                    cache: dict[str, Tensor]) -> None:
+        """Inside a trace: visit the needed points in execution order, cache and edit them."""
+        wanted = set(hooks) | cached
+
+        def visit(name: str, value: Tensor) -> Tensor | None:
+            edited = None
+            for fn in hooks.get(name, ()):
+                out = fn(value, name)
+                if out is not None:
+                    value = edited = out
+            if name in cached:
+                cache[name] = value.detach().clone()
+            return edited
+
+        if "hook_embed" in wanted:
+            envoy = self._envoy(self.adapter.embed)
+            new = visit("hook_embed", envoy.output)
+            if new is not None:
+                envoy.output = new.to(envoy.output.dtype)
+        layers = sorted({layer for n in wanted if (layer := _layer_of(n)) is not None})
+        for layer in layers:
+            self._interleave_layer(layer, wanted, visit)
+        if "ln_final.hook_normalized" in wanted:
+            norm = self._envoy(self.adapter.final_norm)
+            module = self.model.get_submodule(self.adapter.final_norm)
+            x = norm.input
+            new = visit("ln_final.hook_normalized", self.adapter.normalized(module, x))
+            if new is not None:
+                norm.output = self.adapter.denormalize(module, new, norm.output.dtype)
+
+    def _interleave_layer(self, layer: int, wanted: set[str], visit) -> None:
+        prefix = f"blocks.{layer}."
+        points = self.adapter.layer_points
+        active = [any(prefix + n in wanted for n in p.names) for p in points]
+        needed_keys = {k for p, a in zip(points, active) if a for k in p.needs}
+        layer_path = f"{self.adapter.layers}.{layer}"
+        ctx: dict[str, Tensor] = {}
+        for point, is_active in zip(points, active):
+            if not is_active and point.key not in needed_keys:
+                continue
+            envoy = self._envoy(layer_path + ("." + point.module if point.module else ""))
+            raw = envoy.input if point.io == "input" else envoy.output
+            if point.key:
+                ctx[point.key] = raw[0] if isinstance(raw, tuple) else raw
+            if not is_active:
+                continue
+            edited = {}
+            for short, value in point.split(raw, ctx).items():
+                new = visit(prefix + short, value)
+                if new is not None:
+                    edited[short] = new
+            if edited:
+                raw = point.merge(raw, edited, ctx)
+                if point.io == "input":
+                    envoy.input = raw
+                else:
+                    envoy.output = raw
+                if point.key:
+                    ctx[point.key] = raw[0] if isinstance(raw, tuple) else raw
+
+    def _group(self, hooks: Sequence[tuple[str, HookFn]]) -> dict[str, list[HookFn]]:
+        grouped: dict[str, list[HookFn]] = {}
+        for name, fn in hooks:
+            grouped.setdefault(name, []).append(fn)
+        return grouped
+
+    # ---------------------------------------------------------------- TransformerLens verbs
+    @torch.no_grad()
+    def forward(self, input_ids=None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, names: Names = (),
+                logits_to_keep: int = 0, **kwargs) -> tuple[Tensor, ActivationCache]:
+        """Logits (with the active hooks applied) and a cache of ``names``."""
+        ids, attention_mask = self.to_tokens(input_ids, attention_mask)
+        if position_ids is None:
+            position_ids = _position_ids(attention_mask)
+        cached = set(self.resolve(names)) if names else set()
+        hooks = self._group(self._hooks)
+        model_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        if logits_to_keep:
+            model_kwargs["logits_to_keep"] = logits_to_keep
+        if not hooks and not cached:  # nothing to intercept: the plain model, no overhead
+            return self.model(input_ids=ids, **model_kwargs).logits, ActivationCache({},
+                                                                                    attention_mask)
+        cache: dict[str, Tensor] = {}
+        with self.lm.trace(ids, **model_kwargs):
+            self._interleave(hooks, cached, cache)
+            logits = self.lm.output.logits.save()
+        return logits, ActivationCache(cache, attention_mask)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        """Logits ``[batch, pos, vocab]``, with the active hooks (an HF-like call for evals)."""
+        logits, _ = self.forward(input_ids, attention_mask, position_ids, **kwargs)
+        return logits
+
+    def run_with_cache(self, inputs, names: Names = None, attention_mask: Tensor | None = None,
+                       **kwargs) -> tuple[Tensor, ActivationCache]:
+        """``(logits, cache)`` with ``cache[name]`` for each requested name (default: all)."""
+        names = self.resolve(names)
+        if not names:
+            raise ValueError("No hook names selected to cache.")
+        return self.forward(inputs, attention_mask, names=names, **kwargs)
+
+    @contextmanager
+    def hooks(self, hooks: Sequence[tuple[str, HookFn]]) -> Iterator["HookBridge"]:
+        """Apply ``[(name, fn), ...]`` to every forward and generation inside the block."""
+        hooks = list(hooks)
+        self.resolve([name for name, _ in hooks])
+        start = len(self._hooks)
+        self._hooks.extend(hooks)
+        try:
+            yield self
+        finally:
+            del self._hooks[start:]
+
+    def reset_hooks(self) -> None:
+        """Remove every active hook (for use outside ``with bridge.hooks(...)`` blocks)."""
+        self._hooks.clear()
+
+    @torch.no_grad()
+    def generate(self, inputs=None, max_new_tokens: int = 20, attention_mask: Tensor | None = None,
+                 *, input_ids=None, return_text: bool | None = None, **kwargs):
+        """Greedy by default; the active hooks act at every decoding step (KV cache on).
+
+        Returns token ids ``[batch, prompt + new]`` (HF ``generate``'s format), or the new text
+        per prompt when ``inputs`` is text (or ``return_text=True``).
+        """
+        inputs = input_ids if inputs is None else inputs
+        text_in = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
+                                              and isinstance(inputs[0], str))
+        ids, attention_mask = self.to_tokens(inputs, attention_mask)
+        kwargs.setdefault("do_sample", False)
+        if not kwargs["do_sample"]:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.tokenizer is not None:
+            kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        hooks = self._group(self._hooks)
+        if not hooks:
+            out = self.model.generate(input_ids=ids, attention_mask=attention_mask,
+                                      max_new_tokens=max_new_tokens, **kwargs)
+        else:
+            out = self._generate_hooked(ids, attention_mask, max_new_tokens, hooks, kwargs)
+        if return_text or (return_text is None and text_in):
+            return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return out
+
+    def _generate_hooked(self, ids, attention_mask, max_new_tokens, hooks, kwargs) -> Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with self.lm.generate(max_new_tokens=max_new_tokens, **kwargs) as tracer:
+                with tracer.invoke(ids, attention_mask=attention_mask):
+                    for _ in tracer.all():
+                        self._interleave(hooks, set(), {})
+                with tracer.invoke():
+                    result = tracer.result.save()
+        return result
