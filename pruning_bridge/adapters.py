@@ -69,22 +69,19 @@ def _named(point_name: str, split, merge):
             lambda raw, views, ctx: merge(raw, {"": views[point_name]}, ctx))
 
 
-def _attn_out_and_mid():
-    """``hook_attn_out`` is the attention output; ``hook_resid_mid`` = resid_pre + attn_out.
+def _resid_mid():
+    """``hook_resid_mid`` = resid_pre + attention output, read at the attention output.
 
     HF computes resid_mid as a local variable, so a write to it goes through the attention
-    output: attn_out' = resid_mid' - resid_pre.
+    output: attn_out' = resid_mid' - resid_pre. This point comes right after the attention
+    output's own point, so it sees an edited ``hook_attn_out``.
     """
     def split(raw, ctx):
-        out = _first(raw)
-        return {"hook_attn_out": out, "hook_resid_mid": ctx["resid_pre"] + out}
+        return {"hook_resid_mid": ctx["resid_pre"] + _first(raw)}
 
     def merge(raw, views, ctx):
         out = _first(raw)
-        new = views["hook_attn_out"]
-        if "hook_resid_mid" in views:
-            new = views["hook_resid_mid"] - ctx["resid_pre"]
-        return _replace_first(raw, new.to(out.dtype))
+        return _replace_first(raw, (views["hook_resid_mid"] - ctx["resid_pre"]).to(out.dtype))
 
     return split, merge
 
@@ -131,8 +128,9 @@ def _llama_like(model, family: str) -> Adapter:
         Point("self_attn.k_proj", "output", ("attn.hook_k",), *_named("attn.hook_k", kv, kvm)),
         Point("self_attn.v_proj", "output", ("attn.hook_v",), *_named("attn.hook_v", kv, kvm)),
         Point("self_attn.o_proj", "input", ("attn.hook_z",), *_named("attn.hook_z", q, qm)),
-        Point("self_attn", "output", ("hook_attn_out", "hook_resid_mid"), *_attn_out_and_mid(),
-              needs=("resid_pre",)),
+        Point("self_attn", "output", ("hook_attn_out",),
+              *_named("hook_attn_out", _plain, _plain_merge)),
+        Point("self_attn", "output", ("hook_resid_mid",), *_resid_mid(), needs=("resid_pre",)),
         Point("mlp", "output", ("hook_mlp_out",), *_named("hook_mlp_out", _plain, _plain_merge)),
         Point("", "output", ("hook_resid_post",),
               *_named("hook_resid_post", _plain, _plain_merge)),
@@ -167,8 +165,9 @@ def _gpt2(model) -> Adapter:
         Point("attn.c_attn", "output", ("attn.hook_q", "attn.hook_k", "attn.hook_v"),
               qkv_split, qkv_merge),
         Point("attn.c_proj", "input", ("attn.hook_z",), *_named("attn.hook_z", z, zm)),
-        Point("attn", "output", ("hook_attn_out", "hook_resid_mid"), *_attn_out_and_mid(),
-              needs=("resid_pre",)),
+        Point("attn", "output", ("hook_attn_out",),
+              *_named("hook_attn_out", _plain, _plain_merge)),
+        Point("attn", "output", ("hook_resid_mid",), *_resid_mid(), needs=("resid_pre",)),
         Point("mlp", "output", ("hook_mlp_out",), *_named("hook_mlp_out", _plain, _plain_merge)),
         Point("", "output", ("hook_resid_post",),
               *_named("hook_resid_post", _plain, _plain_merge)),

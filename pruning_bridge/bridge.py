@@ -153,8 +153,8 @@ class HookBridge:
             edited = None
             for fn in hooks.get(name, ()):
                 out = fn(value, name)
-                if out is not None:
-                    value = edited = out
+                if out is not None:  # keep the model's dtype (an fp32 edit on a bf16 model)
+                    value = edited = out.to(value.dtype)
             if name in cached:
                 cache[name] = value.detach().clone()
             return edited

