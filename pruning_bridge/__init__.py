@@ -1,1 +1,15 @@
 """pruning_bridge: TransformerLens hook names on Hugging Face models, and model compression."""
+
+from .adapters import UnsupportedArchitectureError
+from .bridge import ActivationCache, HookBridge, UnknownHookError
+from .data import (DataNotFoundError, GSM8KProblem, MMLUQuestion, load_gsm8k, load_mmlu,
+                   load_wikitext2, mmlu_subset)
+from .evals import EvalResult, gsm8k_accuracy, mmlu_accuracy, perplexity
+from .models import ModelLoadError, load_model
+
+__all__ = [
+    "ActivationCache", "DataNotFoundError", "EvalResult", "GSM8KProblem", "HookBridge",
+    "MMLUQuestion", "ModelLoadError", "UnknownHookError", "UnsupportedArchitectureError",
+    "gsm8k_accuracy", "load_gsm8k", "load_mmlu", "load_model", "load_wikitext2",
+    "mmlu_accuracy", "mmlu_subset", "perplexity",
+]

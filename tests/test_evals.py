@@ -26,8 +26,15 @@ def reference_mmlu_prompt(q, shots):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("shots", [0, 2])
 def test_mmlu_matches_unbatched_reference(tiny, data_dir, arch, shots):
-    model, tok = tiny(arch)
-    questions = mmlu_subset(load_mmlu("test", data_dir), 60, seed=1)[:10]
+    check_mmlu(*tiny(arch), data_dir, shots, n=10)
+
+
+def test_smollm2_mmlu_matches_unbatched_reference(smollm2, data_dir):
+    check_mmlu(*smollm2, data_dir, shots=1, n=8)
+
+
+def check_mmlu(model, tok, data_dir, shots, n):
+    questions = mmlu_subset(load_mmlu("test", data_dir), 60, seed=1)[:n]
     dev = {q.subject: [] for q in questions}
     for d in load_mmlu("dev", data_dir, subjects=sorted(dev)):
         dev[d.subject].append(d)
@@ -45,7 +52,7 @@ def test_mmlu_matches_unbatched_reference(tiny, data_dir, arch, shots):
         assert record["prediction"] == "ABCD"[int(logits.argmax())]
         correct += int(logits.argmax()) == q.answer
     assert result.value == pytest.approx(correct / len(questions))
-    assert sum(len(v) for v in [result.records]) == 10 and result.per_subject
+    assert len(result.records) == n and result.per_subject
 
 
 @pytest.mark.parametrize("arch", ARCHS)
