@@ -64,6 +64,47 @@ def _fit_prompt(q, shots, tokenizer, max_length: int | None) -> str:
         shots.pop()
 
 
+def mmlu_prompts(tokenizer: PreTrainedTokenizerBase,
+                 questions: Sequence[MMLUQuestion] | None = None, *, shots: int = 0,
+                 limit: int | None = 451, seed: int = 0, data_dir=None,
+                 max_length: int | None = None) -> tuple[list[MMLUQuestion], list[str]]:
+    """The questions to ask and their full prompts (see ``mmlu_accuracy``)."""
+    if questions is None:
+        questions = mmlu_subset(load_mmlu("test", data_dir), limit, seed)
+    elif limit is not None:
+        questions = list(questions)[:limit]
+    if not questions:
+        raise ValueError("No MMLU questions to evaluate.")
+    dev = defaultdict(list)
+    if shots:
+        for d in load_mmlu("dev", data_dir, subjects=sorted({q.subject for q in questions})):
+            dev[d.subject].append(d)
+    prompts = [_fit_prompt(q, dev[q.subject][:shots], tokenizer, max_length) for q in questions]
+    return list(questions), prompts
+
+
+def mmlu_result(questions: Sequence[MMLUQuestion], scores: torch.Tensor,
+                settings: dict) -> EvalResult:
+    """Accuracy overall and per subject from the ``[n, 4]`` answer-letter logits."""
+    predictions = scores.argmax(-1).tolist()
+    records, by_subject = [], defaultdict(list)
+    for q, pred, row in zip(questions, predictions, scores.tolist()):
+        correct = pred == q.answer
+        by_subject[q.subject].append(correct)
+        records.append({"id": q.id, "subject": q.subject, "prediction": LETTERS[pred],
+                        "gold": LETTERS[q.answer], "correct": correct, "letter_logits": row})
+    accuracy = sum(r["correct"] for r in records) / len(records)
+    return EvalResult(
+        task="mmlu", metric="accuracy", value=accuracy, settings=dict(settings, n=len(records)),
+        per_subject={s: sum(c) / len(c) for s, c in sorted(by_subject.items())},
+        records=records,
+    )
+
+
+def context_length(model) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def mmlu_accuracy(model, tokenizer: PreTrainedTokenizerBase,
                   questions: Sequence[MMLUQuestion] | None = None, *, shots: int = 0,
                   limit: int | None = 451, seed: int = 0, data_dir=None, batch_size: int = 8,
@@ -75,19 +116,9 @@ def mmlu_accuracy(model, tokenizer: PreTrainedTokenizerBase,
     solved examples come from the dev split of the same subject; shots that would make the
     prompt longer than ``max_length`` tokens (default: the model's context) are dropped.
     """
-    if questions is None:
-        questions = mmlu_subset(load_mmlu("test", data_dir), limit, seed)
-    elif limit is not None:
-        questions = list(questions)[:limit]
-    if not questions:
-        raise ValueError("No MMLU questions to evaluate.")
-    dev = defaultdict(list)
-    if shots:
-        for d in load_mmlu("dev", data_dir, subjects=sorted({q.subject for q in questions})):
-            dev[d.subject].append(d)
-    if max_length is None:
-        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    prompts = [_fit_prompt(q, dev[q.subject][:shots], tokenizer, max_length) for q in questions]
+    questions, prompts = mmlu_prompts(tokenizer, questions, shots=shots, limit=limit, seed=seed,
+                                      data_dir=data_dir,
+                                      max_length=max_length or context_length(model))
     letters = letter_token_ids(tokenizer)
     scores = torch.empty(len(questions), 4)
     groups = batches_by_length([len(p) for p in prompts], batch_size)
@@ -95,17 +126,4 @@ def mmlu_accuracy(model, tokenizer: PreTrainedTokenizerBase,
         enc = encode_batch(tokenizer, [prompts[i] for i in group])
         logits = forward_logits(model, enc["input_ids"], enc["attention_mask"], last_only=True)
         scores[group] = logits[:, -1, letters].float().cpu()
-    predictions = scores.argmax(-1).tolist()
-    records, by_subject = [], defaultdict(list)
-    for q, pred, row in zip(questions, predictions, scores.tolist()):
-        correct = pred == q.answer
-        by_subject[q.subject].append(correct)
-        records.append({"id": q.id, "subject": q.subject, "prediction": LETTERS[pred],
-                        "gold": LETTERS[q.answer], "correct": correct, "letter_logits": row})
-    accuracy = sum(r["correct"] for r in records) / len(records)
-    return EvalResult(
-        task="mmlu", metric="accuracy", value=accuracy,
-        settings={"shots": shots, "limit": limit, "seed": seed, "n": len(records)},
-        per_subject={s: sum(c) / len(c) for s, c in sorted(by_subject.items())},
-        records=records,
-    )
+    return mmlu_result(questions, scores, {"shots": shots, "limit": limit, "seed": seed})

@@ -25,11 +25,9 @@ def default_window(model, cap: int = 2048) -> int:
     return min(context or cap, cap)
 
 
-def perplexity(model, tokenizer: PreTrainedTokenizerBase, text: str, window: int | None = None,
-               max_windows: int | None = None, batch_size: int = 1,
-               progress: bool = True) -> float:
-    """exp(mean NLL) of ``model`` over non-overlapping ``window``-token windows of ``text``."""
-    window = window or default_window(model)
+def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, window: int,
+                  max_windows: int | None = None) -> torch.Tensor:
+    """``[n_windows, window]`` token ids: the whole text tokenized once, cut without overlap."""
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}.")
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
@@ -39,13 +37,24 @@ def perplexity(model, tokenizer: PreTrainedTokenizerBase, text: str, window: int
     if n_windows == 0:
         raise ValueError(f"The text has {len(ids)} tokens, fewer than one window of {window}; "
                          f"pass a smaller window or a longer text.")
-    windows = ids[: n_windows * window].view(n_windows, window)
-    total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress):
+    return ids[: n_windows * window].view(n_windows, window)
+
+
+def nll_sum(logits: torch.Tensor, windows: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of ``windows`` under ``logits`` (float64)."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                          windows[:, 1:].flatten().to(logits.device), reduction="none")
+    return nll.double().sum().item()
+
+
+def perplexity(model, tokenizer: PreTrainedTokenizerBase, text: str, window: int | None = None,
+               max_windows: int | None = None, batch_size: int = 1,
+               progress: bool = True) -> float:
+    """exp(mean NLL) of ``model`` over non-overlapping ``window``-token windows of ``text``."""
+    windows = token_windows(tokenizer, text, window or default_window(model), max_windows)
+    total_nll = 0.0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity",
+                      disable=not progress):
         batch = windows[start:start + batch_size]
-        logits = forward_logits(model, batch)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                              batch[:, 1:].flatten().to(logits.device), reduction="none")
-        total_nll += nll.double().sum().item()  # accumulate in float64
-        total_tokens += batch[:, 1:].numel()
-    return math.exp(total_nll / total_tokens)
+        total_nll += nll_sum(forward_logits(model, batch), batch)
+    return math.exp(total_nll / windows[:, 1:].numel())
