@@ -68,10 +68,61 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str | None) -> list[int] | None:
+    return None if not text else [int(x) for x in text.split(",") if x.strip()]
+
+
+def _add_common(p, tasks_default: str) -> None:
+    p.add_argument("--model", required=True,
+                   help="hub id, local checkpoint directory, smollm2-135m or tiny-{gpt2,qwen3,llama}")
+    p.add_argument("--tasks", default=tasks_default, help="comma-separated: mmlu,gsm8k,perplexity")
+    p.add_argument("--limit", type=int, default=None,
+                   help="MMLU questions / GSM8K problems / perplexity windows")
+    p.add_argument("--window", type=int, default=None, help="perplexity window")
+    p.add_argument("--shots", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--data-dir", default=None, help="local data (default: the hub)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="results JSONL (appended; rerun to resume)")
+    p.add_argument("--figure", default=None, help="also write the figure here (HTML + PNG)")
+
+
+def _run_layers(args: argparse.Namespace) -> int:
+    from .figures import layer_removal_figure, save_figure
+    from .layer_sweep import layer_sweep
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    rows = layer_sweep(model, tokenizer, args.tasks, layers=_ints(args.layers), out=args.out,
+                       data_dir=args.data_dir, limit=args.limit, window=args.window,
+                       shots=args.shots, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, reuse_prefix=not args.no_reuse)
+    for row in rows:
+        print(f"{row['task']:<11} removed={str(row['config']['removed']):<6} "
+              f"{row['metric']}={row['value']:.4f}")
+    if args.figure:
+        print("wrote", *save_figure(layer_removal_figure(rows, f"{args.model}: removing one layer"),
+                                    args.figure))
+    return 0
+
+
+def _add_layers(sub) -> None:
+    p = sub.add_parser("layers", help="remove each layer in turn and evaluate (Figure 1)")
+    _add_common(p, "mmlu,perplexity")
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (default all)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="evaluate each pruned model from scratch (the naive loop)")
+    p.set_defaults(run=_run_layers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pruning_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
+    _add_layers(sub)
     return parser
 
 
@@ -82,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ModelLoadError, DataNotFoundError, ValueError) as error:
+    except (ModelLoadError, DataNotFoundError, ValueError, IndexError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

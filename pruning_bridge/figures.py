@@ -1,0 +1,93 @@
+"""Plotly figures of the compression studies (the report's Figures 1 and 2), one function each.
+
+Each function takes result rows (``ResultsLog.rows`` or a sweep's return value) and returns a
+``plotly.graph_objects.Figure``; ``save_figure`` writes it as interactive HTML and, when a
+Chrome/Chromium for kaleido is available, as a static PNG.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+TASK_TITLES = {"mmlu": "MMLU accuracy", "gsm8k": "GSM8K accuracy",
+               "perplexity": "WikiText-2 perplexity"}
+
+
+def save_figure(fig: go.Figure, path: str | Path, png: bool = True) -> list[Path]:
+    """Write ``path.html`` (self-contained) and, if possible, ``path.png``; return what was written."""
+    path = Path(path).with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    html = path.with_suffix(".html")
+    fig.write_html(html, include_plotlyjs=True, full_html=True)
+    written = [html]
+    if png:
+        try:
+            fig.write_image(path.with_suffix(".png"), width=1200, height=fig.layout.height or 450)
+            written.append(path.with_suffix(".png"))
+        except Exception as error:  # kaleido needs Chrome/Chromium; HTML is always written
+            warnings.warn(f"PNG export skipped ({type(error).__name__}: {error}). Install "
+                          f"Chromium (e.g. apt-get install chromium) for static images.")
+    return written
+
+
+def _tasks(rows: Sequence[dict]) -> list[str]:
+    present = {r["task"] for r in rows}
+    return [t for t in ("mmlu", "gsm8k", "perplexity") if t in present]
+
+
+def layer_removal_figure(rows: Sequence[dict], title: str = "Removing one layer") -> go.Figure:
+    """Figure 1: each task's metric with layer i removed, the unpruned model as a dashed line.
+
+    Perplexity uses a log axis, since removing some layers makes it explode.
+    """
+    rows = [r for r in rows if r["method"] == "layer_removal"]
+    tasks = _tasks(rows)
+    fig = make_subplots(rows=len(tasks), cols=1, shared_xaxes=True,
+                        subplot_titles=[TASK_TITLES[t] for t in tasks], vertical_spacing=0.08)
+    for k, task in enumerate(tasks, start=1):
+        points = sorted((r["config"]["removed"][0], r["value"]) for r in rows
+                        if r["task"] == task and len(r["config"]["removed"]) == 1)
+        base = [r["value"] for r in rows if r["task"] == task and not r["config"]["removed"]]
+        fig.add_trace(go.Bar(x=[p[0] for p in points], y=[p[1] for p in points],
+                             name=TASK_TITLES[task], showlegend=False,
+                             hovertemplate="layer %{x} removed<br>%{y:.4g}<extra></extra>"),
+                      row=k, col=1)
+        if base:
+            fig.add_hline(y=base[0], line_dash="dash", line_color="black", row=k, col=1,
+                          annotation_text=f"unpruned {base[0]:.4g}",
+                          annotation_position="top left")
+        if task == "perplexity":
+            fig.update_yaxes(type="log", row=k, col=1)
+    fig.update_xaxes(title_text="removed layer", row=len(tasks), col=1, dtick=1)
+    fig.update_layout(title=title, template="plotly_white", height=320 * len(tasks) + 80)
+    return fig
+
+
+def weight_pruning_figure(rows: Sequence[dict], title: str = "Weight pruning") -> go.Figure:
+    """Figure 2: each task's metric against sparsity, one line per pruning method."""
+    rows = [r for r in rows if r["method"] != "layer_removal"]
+    tasks = _tasks(rows)
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[TASK_TITLES[t] for t in tasks])
+    methods = sorted({r["method"] for r in rows})
+    colors = dict(zip(methods, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")))
+    for k, task in enumerate(tasks, start=1):
+        for method in methods:
+            pts = sorted((r["config"]["sparsity"], r["value"]) for r in rows
+                         if r["task"] == task and r["method"] == method)
+            fig.add_trace(go.Scatter(x=[100 * p[0] for p in pts], y=[p[1] for p in pts],
+                                     mode="lines+markers", name=method,
+                                     line_color=colors[method], legendgroup=method,
+                                     showlegend=k == 1,
+                                     hovertemplate=f"{method}<br>%{{x:.0f}}% zero<br>"
+                                                   "%{y:.4g}<extra></extra>"),
+                          row=1, col=k)
+        fig.update_xaxes(title_text="sparsity (%)", row=1, col=k)
+        if task == "perplexity":
+            fig.update_yaxes(type="log", row=1, col=k)
+    fig.update_layout(title=title, template="plotly_white", height=450)
+    return fig
