@@ -27,7 +27,7 @@ def _evaluate(args: argparse.Namespace) -> EvalResult:
     else:
         window = args.window or default_window(model)
         value = perplexity(model, tokenizer, load_wikitext2("test", args.data_dir), window=window,
-                           max_windows=args.limit, batch_size=args.batch_size)
+                           max_windows=args.limit, batch_size=max(1, args.batch_size // 4))
         result = EvalResult(task="perplexity", metric="perplexity", value=value,
                             settings={"window": window, "limit": args.limit,
                                       "text": "wikitext-2-raw-v1 test"})
@@ -118,11 +118,45 @@ def _add_layers(sub) -> None:
     p.set_defaults(run=_run_layers)
 
 
+def _run_weights(args: argparse.Namespace) -> int:
+    from .figures import save_figure, weight_pruning_figure
+    from .models import load_model
+    from .weight_sweep import weight_sweep
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    sparsities = [float(x) for x in args.sparsities.split(",") if x.strip()]
+    rows = weight_sweep(model, tokenizer, args.tasks, sparsities,
+                        [m.strip() for m in args.method.split(",")], out=args.out,
+                        scope=args.scope, data_dir=args.data_dir, limit=args.limit,
+                        window=args.window, shots=args.shots, seed=args.seed,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    for row in rows:
+        print(f"{row['method']:<10} sparsity={row['config']['sparsity']:<5} {row['task']:<11} "
+              f"{row['metric']}={row['value']:.4f}")
+    if args.figure:
+        print("wrote", *save_figure(weight_pruning_figure(rows, f"{args.model}: weight pruning"),
+                                    args.figure))
+    return 0
+
+
+def _add_weights(sub) -> None:
+    p = sub.add_parser("weights", help="prune weights at several sparsities and evaluate "
+                                       "(Figure 2)")
+    _add_common(p, "mmlu,perplexity")
+    p.add_argument("--sparsities", default="0.05,0.1,0.2,0.3,0.4,0.5")
+    p.add_argument("--method", default="magnitude",
+                   help="magnitude, wanda, or both comma-separated")
+    p.add_argument("--scope", default="per_matrix", choices=["per_matrix", "global"],
+                   help="magnitude pruning threshold per matrix or across all matrices")
+    p.set_defaults(run=_run_weights)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pruning_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     _add_layers(sub)
+    _add_weights(sub)
     return parser
 
 

@@ -69,16 +69,23 @@ def layer_removal_figure(rows: Sequence[dict], title: str = "Removing one layer"
 
 
 def weight_pruning_figure(rows: Sequence[dict], title: str = "Weight pruning") -> go.Figure:
-    """Figure 2: each task's metric against sparsity, one line per pruning method."""
+    """Figure 2: each task's metric against sparsity, one line per pruning method.
+
+    The dense model (sparsity 0) starts every line and is drawn as a dashed reference.
+    """
     rows = [r for r in rows if r["method"] != "layer_removal"]
     tasks = _tasks(rows)
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[TASK_TITLES[t] for t in tasks])
+    dense = {r["task"]: r["value"] for r in rows if r["method"] == "dense"}
+    rows = [r for r in rows if r["method"] != "dense"]
     methods = sorted({r["method"] for r in rows})
     colors = dict(zip(methods, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")))
     for k, task in enumerate(tasks, start=1):
         for method in methods:
             pts = sorted((r["config"]["sparsity"], r["value"]) for r in rows
                          if r["task"] == task and r["method"] == method)
+            if task in dense:
+                pts = [(0.0, dense[task])] + pts
             fig.add_trace(go.Scatter(x=[100 * p[0] for p in pts], y=[p[1] for p in pts],
                                      mode="lines+markers", name=method,
                                      line_color=colors[method], legendgroup=method,
@@ -86,6 +93,8 @@ def weight_pruning_figure(rows: Sequence[dict], title: str = "Weight pruning") -
                                      hovertemplate=f"{method}<br>%{{x:.0f}}% zero<br>"
                                                    "%{y:.4g}<extra></extra>"),
                           row=1, col=k)
+        if task in dense:
+            fig.add_hline(y=dense[task], line_dash="dash", line_color="black", row=1, col=k)
         fig.update_xaxes(title_text="sparsity (%)", row=1, col=k)
         if task == "perplexity":
             fig.update_yaxes(type="log", row=1, col=k)

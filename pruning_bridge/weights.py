@@ -112,7 +112,7 @@ def _smallest(score: Tensor, k: int) -> Tensor:
 
 
 def _kth_smallest_abs(weights: Sequence[Tensor], k: int) -> Tensor:
-    """The ``k``-th smallest ``|w|`` (1-based) over all ``weights``, exactly, without a copy of them.
+    """The ``k``-th smallest ``|w|`` (1-based) over all ``weights``, exact, without copying them.
 
     Non-negative floats are ordered like their bit patterns read as integers, so a bisection
     over those integers finds the value in at most 31 counting passes (15 for 16-bit floats);
@@ -229,7 +229,8 @@ def _scores(model: nn.Module, norms: Mapping[str, Tensor] | None, include: Patte
             if name not in norms:
                 raise ValueError(f"No input norms for {name}: compute input_norms with the same "
                                  f"include/exclude as the masks.")
-            score = score * norms[name].to(score.device, score.dtype)
+            dtype = torch.promote_types(score.dtype, torch.float32)  # as Wanda: fp16 W, fp32 X
+            score = score.to(dtype) * norms[name].to(score.device, dtype)
         yield name, module, score
 
 
@@ -347,8 +348,9 @@ def _masked_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, 
 
 def _zero(weight: Tensor, mask: Tensor) -> Tensor:
     """Zero ``weight[mask]``; return the original values at every position now zero."""
-    saved = weight[mask | (weight == 0)]
-    weight[mask.to(weight.device)] = 0
+    mask = mask.to(weight.device)
+    saved = weight.masked_select(mask | (weight == 0))
+    weight.masked_fill_(mask, 0)
     return saved
 
 
@@ -358,7 +360,7 @@ def _restore(weight: Tensor, saved: Tensor, name: str) -> None:
     if int(zeros.sum()) != saved.numel():
         raise RuntimeError(f"Cannot restore {name}: its weights were changed inside the pruning "
                            f"context (it has {int(zeros.sum())} zeros, {saved.numel()} expected).")
-    weight[zeros] = saved
+    weight.masked_scatter_(zeros, saved)  # fills the zeros in order, as masked_select read them
 
 
 class _Pruning:
@@ -372,11 +374,13 @@ class _Pruning:
     def __enter__(self) -> SparsityReport:
         if self.masks is None:
             raise RuntimeError("A pruning context can be entered only once; make a new one.")
-        masks, self.masks = self.masks, None  # restoring needs only self.saved
+        # Restoring needs only self.saved: each mask is dropped once applied (and freed when the
+        # caller holds no other reference, as in magnitude_prune), so they never add up.
+        masks, self.masks = dict(self.masks), None
         try:
             with torch.no_grad():
                 for name, module in self.modules.items():
-                    self.saved[name] = _zero(module.weight, masks[name])
+                    self.saved[name] = _zero(module.weight, masks.pop(name))
             return _report(self.modules)
         except BaseException:
             self._restore()
@@ -395,10 +399,10 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> _Pruning:
     """``with apply_masks(model, masks) as report:`` zeroes ``weight[mask]`` of each named layer
     inside the block and restores every weight bit for bit on exit, also when the block raises.
 
-    Memory: once entered, only the original values at the positions that are zero while pruned
-    are kept (``sparsity`` x the weights' bytes, plus any weight that was zero already), neither
-    a full copy nor the masks: on exit those positions are found again as the zeros of each
-    weight, so the block must not write to the weights.
+    Memory: only the original values at the positions that are zero while pruned are kept
+    (``sparsity`` x the weights' bytes, plus any weight that was zero already), neither a full
+    copy nor the masks (dropped as they are applied): on exit those positions are found again as
+    the zeros of each weight, so the block must not write to the weights.
     """
     return _Pruning(model, masks)
 
@@ -408,13 +412,13 @@ def prune_permanently(model: nn.Module, masks: Mapping[str, Tensor]) -> Sparsity
     """Zero ``weight[mask]`` of each named layer for good; return the achieved sparsity."""
     modules = _masked_modules(model, masks)
     for name, module in modules.items():
-        module.weight[masks[name].to(module.weight.device)] = 0
+        module.weight.masked_fill_(masks[name].to(module.weight.device), 0)
     return _report(modules)
 
 
 def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "per_matrix",
                     include: Patterns = None, exclude: Patterns = None) -> _Pruning:
-    """``with magnitude_prune(model, 0.5) as report:`` -- ``magnitude_masks``, applied reversibly."""
+    """``with magnitude_prune(model, 0.5) as report:``: ``magnitude_masks``, applied reversibly."""
     return apply_masks(model, magnitude_masks(model, sparsity, scope, include, exclude))
 
 
@@ -426,5 +430,5 @@ def wanda_prune(model: nn.Module, norms: Mapping[str, Tensor], sparsity: float,
 
 def nm_prune(model: nn.Module, n: int = 2, m: int = 4, norms: Mapping[str, Tensor] | None = None,
              include: Patterns = None, exclude: Patterns = None) -> _Pruning:
-    """``with nm_prune(model, 2, 4) as report:`` -- ``nm_masks``, applied reversibly."""
+    """``with nm_prune(model, 2, 4) as report:``: ``nm_masks``, applied reversibly."""
     return apply_masks(model, nm_masks(model, n, m, norms, include, exclude))

@@ -163,3 +163,24 @@ def test_layer_figure(tmp_path):
     assert fig.layout.yaxis2.type == "log"
     written = save_figure(fig, tmp_path / "fig1", png=False)
     assert written[0].suffix == ".html" and "plotly" in written[0].read_text()[:5000].lower()
+
+
+def test_cli_layers_and_weights(data_dir, tmp_path):
+    from pruning_bridge.cli import main
+
+    out = tmp_path / "layers.jsonl"
+    args = ["--model", "tiny-gpt2", "--tasks", "perplexity", "--limit", "2", "--window", "64",
+            "--data-dir", str(data_dir)]
+    assert main(["layers", *args, "--layers", "0,3", "--out", str(out),
+                 "--figure", str(tmp_path / "f1")]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["config"]["removed"] for r in rows] == [[], [0], [3]]
+    assert (tmp_path / "f1.html").exists()
+    assert main(["layers", *args, "--layers", "9", "--out", str(out)]) == 2  # out of range
+    out = tmp_path / "weights.jsonl"
+    assert main(["weights", *args, "--sparsities", "0.25", "--method", "magnitude,wanda",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["config"]["sparsity"]) for r in rows] == [
+        ("dense", 0.0), ("magnitude", 0.25), ("wanda", 0.25)]
+    assert main(["weights", *args, "--sparsities", "1.5", "--out", str(out)]) == 2

@@ -1,0 +1,65 @@
+"""Figure 1 of the report: remove each layer in turn, evaluate MMLU / GSM8K / perplexity.
+
+Also ranks the layers by ShortGPT's Block Influence (no evaluation needed) and reports how well
+that ranking predicts the measured damage (Spearman correlation).
+
+    python examples/figure1_layer_removal.py --data-dir ../shared/data            # SmolLM2, CPU
+    python examples/figure1_layer_removal.py --model Qwen/Qwen3-0.6B --tasks mmlu,gsm8k,perplexity \\
+        --limit 451 --device cuda                                                   # the report
+
+Results go to results/<model>/layer_sweep.jsonl (rerun to resume), the figure to
+figures/figure1_layer_removal.{html,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pruning_bridge.data import load_wikitext2
+from pruning_bridge.figures import layer_removal_figure, save_figure
+from pruning_bridge.layer_sweep import layer_sweep, rank_correlation
+from pruning_bridge.layers import block_influence
+from pruning_bridge.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", default="mmlu,perplexity")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="MMLU questions / GSM8K problems / perplexity windows per task")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--figures", default="figures")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    out_dir = Path(args.results) / args.model.replace("/", "--")
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    rows = layer_sweep(model, tok, args.tasks, out=out_dir / "layer_sweep.jsonl",
+                       data_dir=args.data_dir, limit=args.limit, window=args.window)
+    text = load_wikitext2("test", args.data_dir)
+    paragraphs = [p for p in text.split("\n\n") if len(p) > 200][:32]
+    influence = block_influence(model, tok, paragraphs, max_length=256)
+    summary = {"block_influence": influence,
+               "spearman_vs_damage": {t: rank_correlation(influence, rows, t)
+                                      for t in {r["task"] for r in rows}}}
+    (out_dir / "block_influence.json").write_text(json.dumps(summary, indent=2))
+    baseline = {r["task"]: r["value"] for r in rows if not r["config"]["removed"]}
+    print(f"\n{'layer':>5}  {'BI':>7}  " + "  ".join(f"{t:>11}" for t in baseline))
+    print(f"{'none':>5}  {'':>7}  " + "  ".join(f"{v:>11.4f}" for v in baseline.values()))
+    for i, bi in enumerate(influence):
+        values = {r["task"]: r["value"] for r in rows if r["config"]["removed"] == [i]}
+        print(f"{i:>5}  {bi:>7.4f}  " + "  ".join(f"{values.get(t, float('nan')):>11.4f}"
+                                                  for t in baseline))
+    print("Spearman(Block Influence, damage):", summary["spearman_vs_damage"])
+    fig = layer_removal_figure(rows, f"{args.model}: removing one layer")
+    print("wrote", *save_figure(fig, Path(args.figures) / "figure1_layer_removal"))
+
+
+if __name__ == "__main__":
+    main()
