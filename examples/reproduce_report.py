@@ -1,9 +1,10 @@
 """The main job: reproduce the report on the embedded SmolLM2-135M, offline.
 
-For now it runs the evaluation baseline (MMLU 0-shot, GSM8K 8-shot, WikiText-2 perplexity) and
-prints a table; the layer-removal, weight-pruning, head-routing and safety studies join it as they
-land. Results are written to ``results/`` as they finish and reused when rerun, so an
-interrupted run resumes where it stopped.
+It runs the evaluation baseline (MMLU 0-shot, GSM8K 8-shot, WikiText-2 perplexity), the
+layer-removal sweep (Figure 1) and the weight-pruning sweep, magnitude vs Wanda (Figure 2), and
+prints tables; the head-routing and safety studies join it as they land. Results are written to
+``results/`` as they finish and reused when rerun, so an interrupted run resumes where it
+stopped; figures go to ``figures/``.
 
     python examples/reproduce_report.py --data-dir ../shared/data
 """
@@ -17,14 +18,21 @@ from pathlib import Path
 
 from pruning_bridge.data import load_wikitext2
 from pruning_bridge.evals import EvalResult, gsm8k_accuracy, mmlu_accuracy, perplexity
+from pruning_bridge.figures import layer_removal_figure, save_figure, weight_pruning_figure
+from pruning_bridge.layer_sweep import layer_sweep
 from pruning_bridge.models import load_model
+from pruning_bridge.weight_sweep import REPORT_SPARSITIES, weight_sweep
 
-PRESETS = {  # sizes that finish on 2 CPU cores in a few minutes (default) or a few seconds (smoke)
+PRESETS = {  # sizes that finish on 2 CPU cores in minutes (default) or seconds (smoke)
     "default": dict(model="smollm2-135m", mmlu=451, gsm8k=16, gsm8k_tokens=192, windows=8,
-                    window=1024),
-    "smoke": dict(model="tiny-llama", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2, window=128),
+                    window=1024, sweep_tasks="mmlu,perplexity", sweep_mmlu=57,
+                    sweep_windows=4, sweep_window=512),
+    "smoke": dict(model="tiny-llama", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2, window=128,
+                  sweep_tasks="mmlu,perplexity", sweep_mmlu=4, sweep_windows=2,
+                  sweep_window=64),
     "report": dict(model="Qwen/Qwen3-0.6B", mmlu=451, gsm8k=131, gsm8k_tokens=256, windows=None,
-                   window=2048),
+                   window=2048, sweep_tasks="mmlu,gsm8k,perplexity", sweep_mmlu=451,
+                   sweep_windows=None, sweep_window=2048),
 }
 
 
@@ -54,6 +62,47 @@ def baseline(model, tokenizer, p: dict, data_dir, out: Path) -> list[EvalResult]
     ]
 
 
+def sweeps(model, tokenizer, p: dict, data_dir, out: Path, figures: Path) -> None:
+    """Figure 1 (one layer removed at a time) and Figure 2 (magnitude vs Wanda sparsity)."""
+    kw = dict(data_dir=data_dir, limit=None, window=p["sweep_window"])
+
+    layer_rows = []
+    for task, limit in (("mmlu", p["sweep_mmlu"]), ("gsm8k", p["gsm8k"]),
+                        ("perplexity", p["sweep_windows"])):
+        if task in p["sweep_tasks"].split(","):
+            layer_rows += layer_sweep(model, tokenizer, [task], out=out / "layer_sweep.jsonl",
+                                      **{**kw, "limit": limit},
+                                      max_new_tokens=p["gsm8k_tokens"])
+    weight_rows = []
+    for task, limit in (("mmlu", p["sweep_mmlu"]), ("gsm8k", p["gsm8k"]),
+                        ("perplexity", p["sweep_windows"])):
+        if task in p["sweep_tasks"].split(","):
+            weight_rows += weight_sweep(model, tokenizer, [task], REPORT_SPARSITIES,
+                                        ("magnitude", "wanda"), out=out / "weight_sweep.jsonl",
+                                        **{**kw, "limit": limit},
+                                        max_new_tokens=p["gsm8k_tokens"])
+    name = p["model"]
+    print("\nFigure 1: one layer removed")
+    tasks = sorted({r["task"] for r in layer_rows})
+    print(f"{'removed':>8}" + "".join(f"{t:>13}" for t in tasks))
+    by = {(r["task"], tuple(r["config"]["removed"])): r["value"] for r in layer_rows}
+    for removed in sorted({tuple(r["config"]["removed"]) for r in layer_rows}):
+        label = "none" if not removed else str(removed[0])
+        print(f"{label:>8}" + "".join(f"{by.get((t, removed), float('nan')):>13.4f}"
+                                      for t in tasks))
+    print("\nFigure 2: weight pruning")
+    by = {(r["method"], r["config"]["sparsity"], r["task"]): r["value"] for r in weight_rows}
+    print(f"{'method':>10}{'sparsity':>10}" + "".join(f"{t:>13}" for t in tasks))
+    for method, sparsity in sorted({k[:2] for k in by}):
+        print(f"{method:>10}{sparsity:>10.2f}" + "".join(
+            f"{by.get((method, sparsity, t), float('nan')):>13.4f}" for t in tasks))
+    for fig, stem in ((layer_removal_figure(layer_rows, f"{name}: removing one layer"),
+                       "figure1_layer_removal"),
+                      (weight_pruning_figure(weight_rows, f"{name}: weight pruning"),
+                       "figure2_weight_pruning")):
+        print("wrote", *save_figure(fig, figures / stem))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +110,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="override the preset's model")
     parser.add_argument("--data-dir", default=None, help="local data (default: the hub)")
     parser.add_argument("--out", default="results", help="results folder (resumable)")
+    parser.add_argument("--figures", default="figures", help="figures folder")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
@@ -77,6 +127,7 @@ def main() -> None:
     for r in results:
         settings = {k: v for k, v in r.settings.items() if k != "n"}
         print(f"{r.task:<12}{r.metric:<12}{r.value:>10.4f}  {json.dumps(settings)}")
+    sweeps(model, tokenizer, p, args.data_dir, out, Path(args.figures))
     print(f"wall time: {time.perf_counter() - start:.1f} s")
 
 

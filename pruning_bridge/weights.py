@@ -86,9 +86,10 @@ def _from_rows(module: nn.Module, mask: Tensor) -> Tensor:
 
 
 def _check_sparsity(sparsity: float) -> None:
+    """A ValueError unless ``sparsity`` is a fraction in [0, 1)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, Real) or not 0 <= sparsity < 1:
-        hint = f" (did you mean {sparsity / 100:g}?)" if isinstance(sparsity, Real) and \
-            1 <= sparsity < 100 else ""
+        percent = isinstance(sparsity, Real) and 1 <= sparsity < 100
+        hint = f" (did you mean {sparsity / 100:g}?)" if percent else ""
         raise ValueError(f"sparsity must be a fraction in [0, 1), e.g. 0.5 to zero half of the "
                          f"weights; got {sparsity!r}{hint}.")
 
