@@ -1,0 +1,195 @@
+"""Pooled residual-stream activations per layer, for probes and directions.
+
+    acts = cache_residuals(model, tokenizer, texts, hook="resid_post", pool="last")
+    acts.shape  # [n_layers, n_texts, d_model], float32; acts[L] is block L's activation
+
+``model`` is anything that speaks TransformerLens hook names: a ``HookedTransformer`` or a
+``pruning_bridge.HookBridge``. Texts are tokenised once, sorted by length (less padding), run in
+left-padded batches with an attention mask, and pooled per batch, so memory stays bounded by one
+batch's activations at the requested hook points (nothing else is cached). ``pool="last"`` takes
+the last *real* token, ``pool="mean"`` the mean over real tokens only (never over padding).
+With ``store=path`` the result is saved as safetensors and reloaded on the next call with the
+same settings, texts and model weights (active hooks are not part of that check).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+HOOKS = ("resid_pre", "resid_mid", "resid_post")
+POOLS = ("last", "mean")
+
+
+# ---------------------------------------------------------------- either backend
+
+
+def is_bridge(model) -> bool:
+    """True for a ``pruning_bridge.HookBridge`` (else: a TransformerLens ``HookedTransformer``)."""
+    from pruning_bridge.bridge import HookBridge
+
+    return isinstance(model, HookBridge)
+
+
+def model_dims(model) -> tuple[int, int]:
+    """``(n_layers, d_model)`` of a HookBridge or HookedTransformer."""
+    if is_bridge(model):
+        return model.adapter.n_layers, model.config.hidden_size
+    return model.cfg.n_layers, model.cfg.d_model
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def hook_name(layer: int, hook: str) -> str:
+    """``blocks.{layer}.hook_{hook}``; ``hook`` is ``"resid_post"`` or ``"hook_resid_post"`` etc."""
+    short = hook.removeprefix("hook_")
+    if short not in HOOKS:
+        raise ValueError(f"Unknown residual hook {hook!r}; use one of {', '.join(HOOKS)}.")
+    return f"blocks.{layer}.hook_{short}"
+
+
+def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """The layer list (all layers for None), each checked to be a block index."""
+    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"Layer(s) {bad} out of range: this model has {n_layers} blocks "
+                         f"(valid layers 0..{n_layers - 1}).")
+    return layers
+
+
+def run_with_cache(model, ids: Tensor, attention_mask: Tensor,
+                   names: list[str]) -> dict[str, Tensor]:
+    """The activations at ``names`` for padded ``ids``, on a HookBridge or HookedTransformer."""
+    if is_bridge(model):
+        _, cache = model.run_with_cache(ids, names, attention_mask=attention_mask)
+        return dict(cache)
+    last = max(int(name.split(".")[1]) for name in names)
+    with torch.no_grad():  # stop after the last block needed: no unembedding, no later blocks
+        _, cache = model.run_with_cache(ids, names_filter=names, attention_mask=attention_mask,
+                                        stop_at_layer=last + 1, return_cache_object=False)
+    return {name: cache[name] for name in names}
+
+
+# ---------------------------------------------------------------- pooling
+
+
+def pool_batch(acts: Tensor, attention_mask: Tensor, pool: str) -> Tensor:
+    """``[batch, pos, d]`` -> ``[batch, d]`` (float32) over real tokens (mask 1), either padding."""
+    acts = acts.float()
+    real = attention_mask.bool()
+    if pool == "last":  # the last real position of each row
+        positions = torch.arange(real.shape[1], device=real.device)
+        last = torch.where(real, positions, -1).amax(dim=1)
+        return acts[torch.arange(acts.shape[0], device=acts.device), last]
+    # where() rather than a multiplication: padded positions may hold NaN (fully masked rows)
+    total = torch.where(real[..., None], acts, 0.0).sum(dim=1)
+    return total / real.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------- storage
+
+
+def _fingerprint(model, tokenizer, texts: Sequence[str], hook: str, pool: str,
+                 layers: list[int], max_length: int) -> dict[str, str]:
+    """What a stored cache must match: settings, texts, tokenizer and the embedding weights."""
+    hf = model.model if is_bridge(model) else None
+    embed = hf.get_input_embeddings().weight if hf is not None else model.W_E
+    texts_hash = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+    weights_hash = hashlib.sha256(embed.detach().float().cpu().numpy().tobytes()).hexdigest()
+    return {"hook": hook, "pool": pool, "layers": json.dumps(layers),
+            "max_length": str(max_length), "n_texts": str(len(texts)), "texts_sha256": texts_hash,
+            "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+            "embedding_sha256": weights_hash}
+
+
+def _load_store(path: Path, expected: dict[str, str]) -> Tensor | None:
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        found = f.metadata() or {}
+    if found != expected:
+        differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        warnings.warn(f"{path} holds residuals for other settings ({', '.join(differ)} differ); "
+                      f"recomputing and overwriting it.", stacklevel=3)
+        return None
+    return load_file(str(path))["residuals"]
+
+
+# ---------------------------------------------------------------- the verb
+
+
+@torch.no_grad()
+def cache_residuals(model, tokenizer, texts: Sequence[str], hook: str = "resid_post",
+                    pool: str = "last", layers: Sequence[int] | None = None,
+                    batch_size: int = 8, max_length: int = 256, progress: bool = True,
+                    store: str | Path | None = None) -> Tensor:
+    """Pooled residuals ``[len(layers), n_texts, d_model]`` (float32) at ``blocks.L.hook_{hook}``.
+
+    With ``layers=None`` the first index is the block index. Texts longer than ``max_length``
+    tokens are truncated (their first tokens kept). ``tokenizer=None`` uses ``model.tokenizer``.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"Unknown pool {pool!r}; use one of {', '.join(POOLS)}.")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("No texts to cache: pass a non-empty list of strings.")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("Pass a tokenizer (the model has none).")
+    n_layers, d_model = model_dims(model)
+    layers = check_layers(layers, n_layers)
+    names = [hook_name(layer, hook) for layer in layers]
+    hook = hook.removeprefix("hook_")
+
+    path = Path(store) if store is not None else None
+    if path is not None:
+        expected = _fingerprint(model, tokenizer, texts, hook, pool, layers, max_length)
+        stored = _load_store(path, expected)
+        if stored is not None:
+            return stored
+
+    rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    empty = [i for i, row in enumerate(rows) if not row]
+    if empty:
+        raise ValueError(f"Text(s) at index {empty[:5]} tokenise to nothing; remove them.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(texts)), key=lambda i: len(rows[i]))  # similar lengths together
+    out = torch.empty(len(layers), len(texts), d_model, dtype=torch.float32)
+    device = model_device(model)
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=f"caching {hook}", disable=not progress):
+        index = order[start:start + batch_size]
+        ids, mask = _left_pad([rows[i] for i in index], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        cache = run_with_cache(model, ids, mask, names)
+        for k, name in enumerate(names):
+            out[k, index] = pool_batch(cache[name], mask, pool).cpu()
+        del cache
+
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"residuals": out.contiguous()}, str(path), metadata=expected)
+    return out

@@ -1,0 +1,95 @@
+"""The "harmful direction": one unit vector in the residual stream of one layer.
+
+    d = harmful_direction(acts, prompts.labels, layer=6, method="mean_diff")
+    save_direction("harm.safetensors", d, model="gpt2-large", hook="resid_post", layer=6,
+                   method="mean_diff")
+    d, meta = load_direction("harm.safetensors")
+
+Three estimators, all unit-normalised with the sign fixed so that harmful examples project
+higher on average than neutral ones:
+
+- ``mean_diff``: mean(harmful) - mean(neutral), accumulated in float64.
+- ``probe``: the weight of a standardised logistic-regression probe, mapped back to the raw
+  activation space (``coef / scale``), so ``x . d`` ranks examples like the probe does.
+- ``pca``: the first principal direction of paired differences harmful_i - neutral_i. Each
+  class is shuffled with a seeded generator, then the i-th harmful example is paired with the
+  i-th neutral one (the larger class is truncated). The PCA is *uncentred* (top right singular
+  vector of the difference matrix): centring would subtract exactly the consistent shift between
+  the classes that we are looking for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .probes import as_array, binary_labels, check_data, probe_pipeline
+
+METHODS = ("mean_diff", "probe", "pca")
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v)
+    if not np.isfinite(norm) or norm == 0:
+        raise ValueError("The direction is zero (identical class statistics): no direction to "
+                         "extract at this layer.")
+    return v / norm
+
+
+def harmful_direction(acts, labels: Sequence, layer: int, method: str = "mean_diff",
+                      seed: int = 0, C: float = 1.0) -> Tensor:
+    """A unit float32 ``[d_model]`` direction at ``layer`` of ``acts`` ``[n_layers, n, d_model]``
+    along which harmful (biased/toxic, or label != 0) examples project higher than neutral ones."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
+    X = as_array(acts)
+    y = binary_labels(labels)
+    check_data(X, y)
+    if not 0 <= layer < len(X):
+        raise ValueError(f"Layer {layer} out of range: the activations have {len(X)} layers "
+                         f"(valid 0..{len(X) - 1}).")
+    x = X[layer].astype(np.float64)
+    harmful, neutral = x[y == 1], x[y == 0]
+    if method == "mean_diff":
+        d = harmful.mean(axis=0) - neutral.mean(axis=0)
+    elif method == "probe":
+        pipe = probe_pipeline(C).fit(X[layer], y)
+        scaler, logistic = pipe[0], pipe[-1]
+        d = logistic.coef_[0].astype(np.float64) / scaler.scale_
+    else:
+        rng = np.random.default_rng(seed)
+        m = min(len(harmful), len(neutral))
+        pairs_h = rng.permutation(len(harmful))[:m]
+        pairs_n = rng.permutation(len(neutral))[:m]
+        diffs = harmful[pairs_h] - neutral[pairs_n]
+        d = np.linalg.svd(diffs, full_matrices=False)[2][0]
+    d = _unit(d)
+    if (harmful @ d).mean() < (neutral @ d).mean():
+        d = -d
+    return torch.from_numpy(d).float()
+
+
+def save_direction(path: str | Path, direction: Tensor, **metadata) -> None:
+    """Save a direction with JSON-encoded metadata (e.g. model, hook, layer, method)."""
+    direction = torch.as_tensor(direction).detach().float().cpu().contiguous()
+    if direction.ndim != 1:
+        raise ValueError(f"A direction is one vector [d_model]; got shape "
+                         f"{tuple(direction.shape)}.")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"direction": direction}, str(path),
+              metadata={key: json.dumps(value) for key, value in metadata.items()})
+
+
+def load_direction(path: str | Path) -> tuple[Tensor, dict]:
+    """``(direction, metadata)`` as saved by :func:`save_direction`."""
+    with safe_open(str(path), framework="pt") as f:
+        direction = f.get_tensor("direction")
+        metadata = {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
+    return direction, metadata
