@@ -19,7 +19,8 @@ from pathlib import Path
 from pruning_bridge.data import load_wikitext2
 from pruning_bridge.evals import EvalResult, gsm8k_accuracy, mmlu_accuracy, perplexity
 from pruning_bridge.figures import layer_removal_figure, save_figure, weight_pruning_figure
-from pruning_bridge.layer_sweep import layer_sweep
+from pruning_bridge.layer_sweep import layer_sweep, rank_correlation
+from pruning_bridge.layers import block_influence
 from pruning_bridge.models import load_model
 from pruning_bridge.weight_sweep import REPORT_SPARSITIES, weight_sweep
 
@@ -82,14 +83,24 @@ def sweeps(model, tokenizer, p: dict, data_dir, out: Path, figures: Path) -> Non
                                         **{**kw, "limit": limit},
                                         max_new_tokens=p["gsm8k_tokens"])
     name = p["model"]
-    print("\nFigure 1: one layer removed")
+    text = load_wikitext2("test", data_dir)
+    paragraphs = [t for t in text.split("\n\n") if len(t) > 200][:16]
+    influence = block_influence(model, tokenizer, paragraphs, max_length=256)
+    correlations = {t: rank_correlation(influence, layer_rows, t)
+                    for t in sorted({r["task"] for r in layer_rows})}
+    (out / "block_influence.json").write_text(json.dumps(
+        {"block_influence": influence, "spearman_vs_damage": correlations}, indent=2))
+    print("\nFigure 1: one layer removed (BI = ShortGPT Block Influence)")
     tasks = sorted({r["task"] for r in layer_rows})
-    print(f"{'removed':>8}" + "".join(f"{t:>13}" for t in tasks))
+    print(f"{'removed':>8}{'BI':>8}" + "".join(f"{t:>13}" for t in tasks))
     by = {(r["task"], tuple(r["config"]["removed"])): r["value"] for r in layer_rows}
     for removed in sorted({tuple(r["config"]["removed"]) for r in layer_rows}):
         label = "none" if not removed else str(removed[0])
-        print(f"{label:>8}" + "".join(f"{by.get((t, removed), float('nan')):>13.4f}"
-                                      for t in tasks))
+        bi = f"{influence[removed[0]]:.4f}" if removed else ""
+        print(f"{label:>8}{bi:>8}" + "".join(f"{by.get((t, removed), float('nan')):>13.4f}"
+                                             for t in tasks))
+    print("Spearman(Block Influence, damage of removal):",
+          {t: round(c, 3) for t, c in correlations.items()})
     print("\nFigure 2: weight pruning")
     by = {(r["method"], r["config"]["sparsity"], r["task"]): r["value"] for r in weight_rows}
     print(f"{'method':>10}{'sparsity':>10}" + "".join(f"{t:>13}" for t in tasks))

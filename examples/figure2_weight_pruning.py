@@ -1,0 +1,61 @@
+"""Figure 2 of the report: magnitude vs Wanda weight pruning at 5-50 % sparsity.
+
+    python examples/figure2_weight_pruning.py --data-dir ../shared/data              # SmolLM2, CPU
+    python examples/figure2_weight_pruning.py --model Qwen/Qwen3-0.6B --tasks mmlu,gsm8k,perplexity \\
+        --limit 451 --device cuda                                                     # the report
+
+Results go to results/<model>/weight_sweep.jsonl (rerun to resume), the figure to
+figures/figure2_weight_pruning.{html,png}. Also prints the sparsity at which perplexity doubles.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pruning_bridge.figures import save_figure, weight_pruning_figure
+from pruning_bridge.models import load_model
+from pruning_bridge.weight_sweep import REPORT_SPARSITIES, weight_sweep
+
+
+def doubling_sparsity(rows: list[dict], method: str) -> float | None:
+    """The first swept sparsity at which ``method`` at least doubles the dense perplexity."""
+    dense = [r["value"] for r in rows if r["method"] == "dense" and r["task"] == "perplexity"]
+    points = sorted((r["config"]["sparsity"], r["value"]) for r in rows
+                    if r["method"] == method and r["task"] == "perplexity")
+    return next((s for s, v in points if dense and v >= 2 * dense[0]), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", default="mmlu,perplexity")
+    parser.add_argument("--sparsities", default=",".join(map(str, REPORT_SPARSITIES)))
+    parser.add_argument("--methods", default="magnitude,wanda")
+    parser.add_argument("--scope", default="per_matrix", choices=["per_matrix", "global"])
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--figures", default="figures")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    methods = args.methods.split(",")
+    rows = weight_sweep(model, tok, args.tasks, [float(s) for s in args.sparsities.split(",")],
+                        methods, out=Path(args.results) / args.model.replace("/", "--")
+                        / "weight_sweep.jsonl", scope=args.scope, data_dir=args.data_dir,
+                        limit=args.limit, window=args.window)
+    for row in rows:
+        print(f"{row['method']:<10} {row['config']['sparsity']:>5.2f} {row['task']:<11} "
+              f"{row['value']:.4f}")
+    for method in methods:
+        print(f"{method}: perplexity doubles at sparsity {doubling_sparsity(rows, method)}")
+    fig = weight_pruning_figure(rows, f"{args.model}: weight pruning")
+    print("wrote", *save_figure(fig, Path(args.figures) / "figure2_weight_pruning"))
+
+
+if __name__ == "__main__":
+    main()
