@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
+    args.data_dir = args.data_dir or None  # "" means the hub
     p = dict(PRESETS[args.preset])
     if args.model:
         p["model"] = args.model
