@@ -47,20 +47,23 @@ def layer_removal_figure(rows: Sequence[dict], title: str = "Removing one layer"
     """
     rows = [r for r in rows if r["method"] == "layer_removal"]
     tasks = _tasks(rows)
-    fig = make_subplots(rows=len(tasks), cols=1, shared_xaxes=True,
-                        subplot_titles=[TASK_TITLES[t] for t in tasks], vertical_spacing=0.08)
+    base_of = {r["task"]: r["value"] for r in rows if not r["config"]["removed"]}
+    titles = [TASK_TITLES[t] + (f" (unpruned {base_of[t]:.4g}, dashed)" if t in base_of else "")
+              for t in tasks]
+    fig = make_subplots(rows=len(tasks), cols=1, shared_xaxes=True, subplot_titles=titles,
+                        vertical_spacing=0.08)
     for k, task in enumerate(tasks, start=1):
         points = sorted((r["config"]["removed"][0], r["value"]) for r in rows
                         if r["task"] == task and len(r["config"]["removed"]) == 1)
         base = [r["value"] for r in rows if r["task"] == task and not r["config"]["removed"]]
-        fig.add_trace(go.Bar(x=[p[0] for p in points], y=[p[1] for p in points],
-                             name=TASK_TITLES[task], showlegend=False,
-                             hovertemplate="layer %{x} removed<br>%{y:.4g}<extra></extra>"),
+        trace = go.Scatter if task == "perplexity" else go.Bar  # bars mislead on a log axis
+        extra = {"mode": "lines+markers"} if task == "perplexity" else {}
+        fig.add_trace(trace(x=[p[0] for p in points], y=[p[1] for p in points],
+                            name=TASK_TITLES[task], showlegend=False, **extra,
+                            hovertemplate="layer %{x} removed<br>%{y:.4g}<extra></extra>"),
                       row=k, col=1)
         if base:
-            fig.add_hline(y=base[0], line_dash="dash", line_color="black", row=k, col=1,
-                          annotation_text=f"unpruned {base[0]:.4g}",
-                          annotation_position="top left")
+            fig.add_hline(y=base[0], line_dash="dash", line_color="black", row=k, col=1)
         if task == "perplexity":
             fig.update_yaxes(type="log", row=k, col=1)
     fig.update_xaxes(title_text="removed layer", row=len(tasks), col=1, dtick=1)
