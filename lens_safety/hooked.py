@@ -9,6 +9,9 @@ directions match the raw HF weights.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained import weight_conversions as conversions
@@ -71,3 +74,58 @@ def hooked_from_hf(model, tokenizer=None, n_ctx: int | None = None) -> HookedTra
     hooked.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
                                        center_unembed=False, fold_value_biases=False)
     return hooked.to(next(model.parameters()).device).eval()
+
+
+def _official_name(spec: str) -> str | None:
+    """TransformerLens's official name for ``spec`` (a hub id or alias), or None."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        return get_official_model_name(spec)
+    except (ValueError, KeyError):
+        return None
+
+
+def load_hooked(spec, dtype=None, device=None, n_ctx: int | None = None) -> HookedTransformer:
+    """A ``HookedTransformer`` (unprocessed weights, so directions transfer to the HF weights).
+
+    - an official TransformerLens name that is a hub id (``"gpt2-large"``, ``"Qwen/Qwen3-0.6B"``):
+      ``HookedTransformer.from_pretrained_no_processing`` (needs the network; on failure a
+      :class:`pruning_bridge.models.ModelLoadError` says to download elsewhere and pass a local
+      directory);
+    - anything else, with no hub call: a local checkpoint directory, ``"smollm2-135m"``,
+      ``"tiny-*"`` (loaded with :func:`pruning_bridge.models.load_model`), or an in-memory HF
+      model (its ``.tokenizer`` attribute, if any, is used; else no tokenizer) or a
+      ``(model, tokenizer)`` pair, converted with :func:`hooked_from_hf`.
+    """
+    from pruning_bridge.models import ModelLoadError, _resolve_dtype, load_model
+
+    torch_dtype = _resolve_dtype(dtype)
+    if not isinstance(spec, (str, os.PathLike)):
+        if isinstance(spec, tuple) and len(spec) == 2:
+            model, tokenizer = spec
+        else:
+            model, tokenizer = spec, getattr(spec, "tokenizer", None)
+        hooked = hooked_from_hf(model, tokenizer, n_ctx=n_ctx)
+    else:
+        name = os.fspath(spec)
+        official = None if Path(name).expanduser().exists() else _official_name(name)
+        if official is not None:
+            try:
+                hooked = HookedTransformer.from_pretrained_no_processing(
+                    official, dtype=torch_dtype or torch.float32, device=device)
+            except Exception as error:  # offline hubs raise OSError, ValueError, HTTP errors...
+                raise ModelLoadError(
+                    f"Could not load {name!r} from the Hugging Face hub with TransformerLens "
+                    f"({error.__class__.__name__}: {str(error)[:200]}). Without a network, "
+                    f"download it elsewhere (`hf download {official} --local-dir DIR`) and pass "
+                    f"that local directory: load_hooked('DIR'); or use the embedded "
+                    f"'smollm2-135m'.") from error
+            return hooked.eval()
+        model, tokenizer = load_model(name)  # fp32 on CPU; converted, then cast below
+        hooked = hooked_from_hf(model, tokenizer, n_ctx=n_ctx)
+    if torch_dtype is not None:
+        hooked = hooked.to(torch_dtype)
+    if device is not None:
+        hooked = hooked.to(device)
+    return hooked.eval()

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pruning_bridge.data import DataNotFoundError
+from pruning_bridge.data import DataNotFoundError, load_hub_dataset
 
 LABELS = ("neutral", "biased", "toxic")
 HARMFUL_LABELS = ("biased", "toxic")
@@ -109,15 +109,7 @@ def _crows_csv(root: Path) -> Path:
 
 def _load_hub(what: str, *args: str, **kwargs: str):
     """``datasets.load_dataset`` imported lazily; any failure becomes a DataNotFoundError."""
-    try:
-        from datasets import load_dataset
-
-        return load_dataset(*args, **kwargs)
-    except Exception as exc:  # network, gated access, missing package: all mean "use data_dir"
-        raise DataNotFoundError(
-            f"Could not load {what} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
-            f"{_HINT}"
-        ) from exc
+    return load_hub_dataset(what, *args, hint=_HINT, **kwargs)
 
 
 def load_toxigen(data_dir: str | Path | None = None) -> list[Prompt]:

@@ -72,7 +72,7 @@ def _first_existing(candidates: Sequence[Path]) -> Path | None:
     return next((p for p in candidates if p.exists()), None)
 
 
-def _load_hub(what: str, *args: str, **kwargs: str):
+def load_hub_dataset(what: str, *args: str, hint: str = _HUB_HINT, **kwargs: str):
     """Call ``datasets.load_dataset`` lazily; any failure becomes a DataNotFoundError."""
     try:
         from datasets import load_dataset
@@ -81,7 +81,7 @@ def _load_hub(what: str, *args: str, **kwargs: str):
     except Exception as exc:  # network, missing package, bad cache: all mean "use data_dir"
         raise DataNotFoundError(
             f"Could not load {what} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
-            f"the hub may be unreachable. {_HUB_HINT}"
+            f"the hub may be unreachable. {hint}"
         ) from exc
 
 
@@ -173,7 +173,7 @@ def load_mmlu(
         chosen = _select_subjects(list(files), subjects)
         return [q for s in chosen for q in _read_mmlu_csv(s, files[s])]
 
-    rows = _load_hub("MMLU (cais/mmlu)", "cais/mmlu", "all", split=split)
+    rows = load_hub_dataset("MMLU (cais/mmlu)", "cais/mmlu", "all", split=split)
     by_subject: dict[str, list[MMLUQuestion]] = defaultdict(list)
     for row in rows:
         subject = row["subject"]
@@ -206,7 +206,7 @@ def load_gsm8k(split: str = "test", data_dir: str | Path | None = None) -> list[
         with path.open(encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     else:
-        rows = _load_hub("GSM8K (openai/gsm8k)", "openai/gsm8k", "main", split=split)
+        rows = load_hub_dataset("GSM8K (openai/gsm8k)", "openai/gsm8k", "main", split=split)
     return [
         GSM8KProblem(
             id=str(i),
@@ -245,7 +245,7 @@ def load_wikitext2(split: str = "test", data_dir: str | Path | None = None) -> s
         return _join_lines(path.read_bytes().decode("utf-8").split("\n"))
 
     hub_split = "validation" if split == "valid" else split
-    rows = _load_hub("WikiText-2 (wikitext)", "wikitext", "wikitext-2-raw-v1", split=hub_split)
+    rows = load_hub_dataset("WikiText-2 (wikitext)", "wikitext", "wikitext-2-raw-v1", split=hub_split)
     return _join_lines(rows["text"])
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .data import DataNotFoundError
+from .data import DataNotFoundError, load_hub_dataset
 from .results import ResultsLog
 from .tasks import METRICS, evaluate, parse_tasks, task_settings
 from .weights import input_norms, magnitude_prune, wanda_prune
@@ -36,13 +36,8 @@ def calibration_texts(data_dir=None, n: int = 64, seed: int = 0,
                                     f"(WikiText-2 validation, one paragraph per line).")
         lines = path.read_text(encoding="utf-8").splitlines()
     else:
-        try:
-            from datasets import load_dataset
-
-            lines = load_dataset("wikitext", "wikitext-2-raw-v1", split="validation")["text"]
-        except Exception as error:
-            raise DataNotFoundError(f"Could not load WikiText-2 validation from the hub "
-                                    f"({error}); pass data_dir=...") from error
+        lines = load_hub_dataset("WikiText-2 validation", "wikitext", "wikitext-2-raw-v1",
+                                 split="validation")["text"]
     paragraphs = [line.strip() for line in lines if len(line.strip()) >= min_chars
                   and not line.strip().startswith("=")]
     return random.Random(seed).sample(paragraphs, min(n, len(paragraphs)))
