@@ -3,12 +3,16 @@
 from .caching import cache_residuals
 from .directions import harmful_direction, load_direction, save_direction
 from .editing import ablate, orthogonalize, orthogonalize_permanently
-from .hooked import hooked_from_hf
+from .evaluation import EditReport, evaluate_edit
+from .hooked import hooked_from_hf, load_hooked
 from .probes import LayerProbes, binary_labels
 from .prompts import Prompt, PromptSet
+from .study import run_probe_study
+from .toxicity import get_scorer, profanity_scorer
 
 __all__ = [
-    "LayerProbes", "Prompt", "PromptSet", "ablate", "binary_labels", "cache_residuals",
+    "EditReport", "LayerProbes", "Prompt", "PromptSet", "ablate", "evaluate_edit",
+    "get_scorer", "load_hooked", "profanity_scorer", "run_probe_study", "binary_labels", "cache_residuals",
     "harmful_direction", "hooked_from_hf", "load_direction", "orthogonalize",
     "orthogonalize_permanently", "save_direction",
 ]

@@ -177,8 +177,7 @@ def _edit_context(model, direction, edit, alpha, layers, hooks):
 
 
 def _measure(model, tokenizer, *, prompts, scorer, probe, probe_layer, hook, pool,
-             perplexity_text, window, max_windows, mmlu, max_new_tokens, batch_size, progress,
-             stage):
+             perplexity_text, window, max_windows, mmlu, max_new_tokens, batch_size, progress):
     """Metrics and continuations of ``model`` as it is now (hooks / edits active)."""
     from pruning_bridge.evals import mmlu_accuracy, perplexity
 
@@ -261,9 +260,9 @@ def evaluate_edit(model, tokenizer, direction, *, toxic_prompts: Sequence[str],
                   perplexity_text=perplexity_text, window=window, max_windows=max_windows,
                   mmlu=mmlu, max_new_tokens=max_new_tokens, batch_size=batch_size,
                   progress=progress)
-    before, texts_before = _measure(model, tokenizer, stage="before", **common)
+    before, texts_before = _measure(model, tokenizer, **common)
     with _edit_context(model, direction, edit, alpha, layers, hooks):
-        after, texts_after = _measure(model, tokenizer, stage="after", **common)
+        after, texts_after = _measure(model, tokenizer, **common)
 
     continuations = []
     for kind, kind_prompts in common["prompts"].items():
