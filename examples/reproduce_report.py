@@ -2,7 +2,8 @@
 
 It runs the evaluation baseline (MMLU 0-shot, GSM8K 8-shot, WikiText-2 perplexity), the
 layer-removal sweep (Figure 1) and the weight-pruning sweep, magnitude vs Wanda (Figure 2), and
-prints tables; the head-routing and safety studies join it as they land. Results are written to
+prints tables, then the safety study (probes per layer, the harmful direction, projection
+ablation evaluated); head routing joins it when it lands. Results are written to
 ``results/`` as they finish and reused when rerun, so an interrupted run resumes where it
 stopped; figures go to ``figures/``.
 
@@ -27,13 +28,15 @@ from pruning_bridge.weight_sweep import REPORT_SPARSITIES, weight_sweep
 PRESETS = {  # sizes that finish on 2 CPU cores in minutes (default) or seconds (smoke)
     "default": dict(model="smollm2-135m", mmlu=451, gsm8k=16, gsm8k_tokens=192, windows=8,
                     window=1024, sweep_tasks="mmlu,perplexity", sweep_mmlu=57,
-                    sweep_windows=4, sweep_window=512),
+                    sweep_windows=4, sweep_window=512, safety_per_class=None,
+                    safety_prompts=32),
     "smoke": dict(model="tiny-llama", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2, window=128,
                   sweep_tasks="mmlu,perplexity", sweep_mmlu=4, sweep_windows=2,
-                  sweep_window=64),
+                  sweep_window=64, safety_per_class=20, safety_prompts=4),
     "report": dict(model="Qwen/Qwen3-0.6B", mmlu=451, gsm8k=131, gsm8k_tokens=256, windows=None,
                    window=2048, sweep_tasks="mmlu,gsm8k,perplexity", sweep_mmlu=451,
-                   sweep_windows=None, sweep_window=2048),
+                   sweep_windows=None, sweep_window=2048, safety_per_class=None,
+                   safety_prompts=100),
 }
 
 
@@ -114,6 +117,49 @@ def sweeps(model, tokenizer, p: dict, data_dir, out: Path, figures: Path) -> Non
         print("wrote", *save_figure(fig, figures / stem))
 
 
+def safety(model, tokenizer, p: dict, data_dir, out: Path, figures: Path) -> None:
+    """Probes per layer, the harmful direction, and projection ablation evaluated."""
+    from lens_safety import PromptSet, evaluate_edit, run_probe_study
+    from pruning_bridge.bridge import HookBridge
+
+    bridge = HookBridge(model, tokenizer)
+    study = run_probe_study(bridge, tokenizer, model_name=p["model"], data_dir=data_dir,
+                            n_per_class=p["safety_per_class"], out_dir=out / "safety")
+    print(f"\nSafety probes (binary harmful vs neutral, {study['n_train']} train / "
+          f"{study['n_test']} held-out prompts)")
+    print(f"{'layer':>5} {'cv AUROC':>9} {'held-out AUROC':>15} {'3-class cv acc':>15}")
+    for cv, test, three in zip(study["cv_binary"], study["held_out_binary"],
+                               study["cv_three_class"]):
+        print(f"{cv['layer']:>5} {cv['auroc']:>9.3f} {test['auroc']:>15.3f} "
+              f"{three['accuracy']:>15.3f}")
+    print(f"best layer {study['best_layer']}; direction AUROC on held-out prompts "
+          f"{study['held_out_projection_auroc']:.3f}")
+    print("wrote", *save_figure(study["probes"].figure(f"{p['model']}: probe per layer"),
+                                figures / "safety_probes"))
+    report_path = out / "safety" / "edit_project.json"
+    if not report_path.exists():
+        prompts = PromptSet.load(data_dir, n_per_class=p["safety_per_class"], seed=0)
+        _, test = prompts.split(test_size=0.25, seed=0)
+        n = p["safety_prompts"]
+        report = evaluate_edit(bridge, tokenizer, study["direction"],
+                               toxic_prompts=[x.text for x in test if x.label == "toxic"][:n],
+                               neutral_prompts=[x.text for x in test if x.label == "neutral"][:n],
+                               edit="project", max_new_tokens=20,
+                               perplexity_text=load_wikitext2("test", data_dir),
+                               window=p["sweep_window"], max_windows=p["sweep_windows"],
+                               probe=study["probes"], probe_layer=study["best_layer"])
+        report.to_json(report_path)
+    print("\nProjection ablation of the harmful direction at every layer:")
+    print(_edit_table(json.loads(report_path.read_text())))
+
+
+def _edit_table(report: dict) -> str:
+    lines = [f"{'metric':<24}{'before':>12}{'after':>12}"]
+    for metric, before in report["before"].items():
+        lines.append(f"{metric:<24}{before:>12.4g}{report['after'][metric]:>12.4g}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +186,7 @@ def main() -> None:
         settings = {k: v for k, v in r.settings.items() if k != "n"}
         print(f"{r.task:<12}{r.metric:<12}{r.value:>10.4f}  {json.dumps(settings)}")
     sweeps(model, tokenizer, p, args.data_dir, out, Path(args.figures))
+    safety(model, tokenizer, p, args.data_dir, out, Path(args.figures))
     print(f"wall time: {time.perf_counter() - start:.1f} s")
 
 
