@@ -1,0 +1,80 @@
+"""Plotly figures of the safety study, one function each, returning ``go.Figure``.
+
+- :func:`projection_histogram`: overlaid histograms of ``x . d`` per class at one layer.
+- :func:`tradeoff_figure`: toxicity of toxic-prompt continuations vs perplexity, one point per
+  edit setting, the unedited model marked.
+
+(Probe accuracy per layer is ``LayerProbes.figure()``.) Save with
+``pruning_bridge.figures.save_figure(fig, path)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+CLASSES = ("neutral", "biased", "toxic")
+COLORS = {"neutral": "#2ca02c", "biased": "#ff7f0e", "toxic": "#d62728"}
+
+
+def projection_histogram(acts_layer, labels: Sequence[str], direction,
+                         title: str | None = None) -> go.Figure:
+    """Overlaid histograms of the projection ``x . d`` of each row of ``acts_layer``
+    ``[n, d_model]`` on the unit ``direction`` ``[d_model]``, one trace per class present."""
+    x = torch.as_tensor(acts_layer).detach().double().cpu()
+    d = torch.as_tensor(direction).detach().double().cpu().reshape(-1)
+    if x.ndim != 2:
+        raise ValueError(f"acts_layer must be [n, d_model]; got shape {tuple(x.shape)}.")
+    if x.shape[1] != d.shape[0]:
+        raise ValueError(f"The direction has width {d.shape[0]} but the activations have "
+                         f"d_model {x.shape[1]}.")
+    labels = list(labels)
+    if len(labels) != x.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {x.shape[0]} activation rows.")
+    proj = (x @ (d / d.norm())).numpy()
+    labels_arr = np.array(labels, dtype=object)
+    present = [c for c in CLASSES if c in labels] + sorted(
+        {str(c) for c in labels} - set(CLASSES))
+    fig = go.Figure()
+    for cls in present:
+        values = proj[labels_arr == cls]
+        fig.add_trace(go.Histogram(x=values, name=f"{cls} (n={len(values)})", opacity=0.6,
+                                   marker_color=COLORS.get(cls), nbinsx=40))
+    fig.update_layout(barmode="overlay", title=title or "Projection on the harmful direction",
+                      xaxis_title="x · d", yaxis_title="count", template="plotly_white")
+    return fig
+
+
+def _label(row: dict) -> str:
+    if row.get("edit") == "subtract":
+        return f"subtract α={row.get('alpha'):g}"
+    return str(row.get("edit"))
+
+
+def tradeoff_figure(rows: Sequence[dict], title: str = "Toxicity vs perplexity") -> go.Figure:
+    """Toxicity of toxic-prompt continuations (y) vs perplexity (x), one labelled point per
+    edit setting (rows of :func:`lens_safety.sweep.alpha_sweep`), the unedited model (the
+    rows' ``before_*`` values) as a star."""
+    rows = [r for r in rows if r.get("toxicity_toxic") is not None]
+    if not rows:
+        raise ValueError("No rows with toxicity_toxic to plot.")
+    has_ppl = all(r.get("perplexity") is not None for r in rows)
+    xs = [r["perplexity"] if has_ppl else r.get("alpha") or 0.0 for r in rows]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=xs, y=[r["toxicity_toxic"] for r in rows],
+                             mode="markers+text", text=[_label(r) for r in rows],
+                             textposition="top center", name="edited", marker={"size": 10}))
+    base = rows[0]
+    if base.get("before_toxicity_toxic") is not None:
+        bx = base.get("before_perplexity") if has_ppl else 0.0
+        fig.add_trace(go.Scatter(x=[bx], y=[base["before_toxicity_toxic"]],
+                                 mode="markers+text", text=["unedited"],
+                                 textposition="bottom center", name="unedited",
+                                 marker={"size": 16, "symbol": "star", "color": "black"}))
+    fig.update_layout(title=title, template="plotly_white",
+                      xaxis_title="WikiText-2 perplexity" if has_ppl else "alpha",
+                      yaxis_title="toxicity of toxic-prompt continuations")
+    return fig
