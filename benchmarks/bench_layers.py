@@ -59,7 +59,6 @@ def main() -> None:
             dropped = drop_layers(copy.deepcopy(model), list(range(n - k, n)))
             t = median_time(lambda: dropped(ids, use_cache=False), repeats=3)
             rows.append((f"{k} layers dropped (ideal {(n - k) / n:.3f})", t))
-            del dropped
     print_table(f"Forward, batch 4 x 256, {args.model}", rows, f"full model ({n} layers)")
 
 

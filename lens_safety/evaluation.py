@@ -29,14 +29,14 @@ Metrics (each only when requested):
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from pruning_bridge.evals.result import JsonDataclass
 
 from .caching import HOOKS, cache_residuals, is_bridge, model_device
 from .editing import ablate, orthogonalize
@@ -49,7 +49,7 @@ EDITS = ("project", "subtract", "orthogonalize")
 
 
 @dataclass
-class EditReport:
+class EditReport(JsonDataclass):
     """Metrics before and after an edit, the continuations, and the settings that produced them."""
 
     before: dict[str, float]
@@ -60,22 +60,6 @@ class EditReport:
     @property
     def delta(self) -> dict[str, float]:
         return {k: self.after[k] - self.before[k] for k in self.before if k in self.after}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write the report as JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "EditReport":
-        return cls(**json.loads(Path(path).read_text()))
 
     def to_pandas(self):
         """One row per metric: ``metric, before, after, delta``."""

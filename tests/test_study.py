@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import torch
 
 from lens_safety.cli import main

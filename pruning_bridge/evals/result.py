@@ -8,22 +8,14 @@ from pathlib import Path
 from typing import Any
 
 
-@dataclass
-class EvalResult:
-    """``value`` of ``metric`` on ``task``; ``records`` hold one dict per question or problem."""
-
-    task: str
-    metric: str
-    value: float
-    settings: dict[str, Any] = field(default_factory=dict)
-    per_subject: dict[str, float] = field(default_factory=dict)
-    records: list[dict[str, Any]] = field(default_factory=list)
+class JsonDataclass:
+    """``to_dict`` / ``to_json`` / ``from_json`` for a dataclass of JSON-friendly fields."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_json(self, path: str | Path) -> Path:
-        """Write the result as JSON (atomically: a crash never leaves half a file)."""
+        """Write as JSON (atomically: a crash never leaves half a file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -32,8 +24,20 @@ class EvalResult:
         return path
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "EvalResult":
+    def from_json(cls, path: str | Path):
         return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass
+class EvalResult(JsonDataclass):
+    """``value`` of ``metric`` on ``task``; ``records`` hold one dict per question or problem."""
+
+    task: str
+    metric: str
+    value: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    per_subject: dict[str, float] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
 
     def to_pandas(self):
         """The per-item records as a DataFrame (one row per question or problem)."""
