@@ -44,9 +44,10 @@ def main() -> None:
     parser.add_argument("--backend", choices=["bridge", "hooked"], default="bridge",
                         help="bridge: HookBridge on the HF model; hooked: TransformerLens")
     parser.add_argument("--data-dir", default=None, help="local data (default: the hub)")
-    parser.add_argument("--n-per-class", type=int, default=100)
+    parser.add_argument("--n-per-class", type=int, default=None,
+                        help="default: the smallest class (279 neutral prompts)")
     parser.add_argument("--n-prompts", type=int, default=20)
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 2.0, 4.0, 8.0, 16.0])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 16.0, 32.0, 64.0, 128.0])
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=20)
@@ -91,7 +92,8 @@ def main() -> None:
                        neutral_prompts=neutral,
                        perplexity_text=load_wikitext2("test", args.data_dir),
                        window=args.window, max_windows=args.max_windows,
-                       out=out / "alpha_sweep.jsonl", max_new_tokens=args.max_new_tokens)
+                       out=out / "alpha_sweep.jsonl", max_new_tokens=args.max_new_tokens,
+                       subtract_layers=[study["best_layer"]])
     print(f"\n{'edit':<10}{'alpha':>7}{'tox(toxic)':>12}{'tox(neutral)':>14}{'perplexity':>12}")
     base = rows[0]
     print(f"{'unedited':<10}{'':>7}{base['before_toxicity_toxic']:>12.4f}"

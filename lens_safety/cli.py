@@ -196,7 +196,8 @@ def _run_report(args: argparse.Namespace) -> int:
     rows = alpha_sweep(bridge, tokenizer, study["direction"], args.alphas, toxic_prompts=toxic,
                        neutral_prompts=neutral, perplexity_text=ppl_text, window=args.window,
                        max_windows=args.max_windows, out=out / "alpha_sweep.jsonl",
-                       max_new_tokens=args.max_new_tokens, progress=False)
+                       max_new_tokens=args.max_new_tokens, progress=False,
+                       subtract_layers=[study["best_layer"]])
     written += save_figure(tradeoff_figure(rows, f"{args.model}: toxicity vs perplexity"),
                            out / "safety_tradeoff", png=not args.no_png)
     print(f"best layer {layer}; held-out direction AUROC "

@@ -20,7 +20,8 @@ from .evaluation import evaluate_edit
 
 def _settings(toxic, neutral, window, max_windows, kwargs) -> dict:
     keep = {k: v for k, v in kwargs.items()
-            if k in ("max_new_tokens", "scorer", "layers", "hooks", "probe_layer", "mmlu")
+            if k in ("max_new_tokens", "scorer", "layers", "hooks", "probe_layer", "mmlu",
+                     "subtract_layers", "subtract_hooks")
             and (isinstance(v, (str, int, float, list, tuple, dict)) or v is None)}
     return {"n_toxic": len(toxic), "n_neutral": len(neutral), "window": window,
             "max_windows": max_windows, **{k: list(v) if isinstance(v, tuple) else v
@@ -31,8 +32,16 @@ def alpha_sweep(model, tokenizer, direction, alphas: Sequence[float], *,
                 toxic_prompts: Sequence[str], neutral_prompts: Sequence[str] = (),
                 perplexity_text: str | None = None, window: int = 256,
                 max_windows: int | None = 4, out=None, include_project: bool = True,
+                subtract_layers: Sequence[int] | None = None,
+                subtract_hooks: Sequence[str] = ("resid_post",),
                 **evaluate_edit_kwargs) -> list[dict]:
-    """One row per setting: ``subtract`` at each alpha, then ``project``; see the module doc."""
+    """One row per setting: ``subtract`` at each alpha, then ``project``; see the module doc.
+
+    ``subtract`` acts at ``subtract_layers`` (pass the direction's layer) and ``subtract_hooks``
+    only: subtracting at every hook of every layer would accumulate ``3 * n_layers * alpha``
+    along the stream. ``project`` uses ``evaluate_edit``'s defaults (every layer and hook; a
+    projection applied twice changes nothing).
+    """
     toxic_prompts, neutral_prompts = list(toxic_prompts), list(neutral_prompts)
     settings_list = [("subtract", float(a)) for a in alphas]
     if include_project:
@@ -41,7 +50,9 @@ def alpha_sweep(model, tokenizer, direction, alphas: Sequence[float], *,
         raise ValueError("Nothing to sweep: pass some alphas or include_project=True.")
     log = ResultsLog(out)
     settings = _settings(toxic_prompts, neutral_prompts, window, max_windows,
-                         evaluate_edit_kwargs)
+                         dict(evaluate_edit_kwargs, subtract_hooks=list(subtract_hooks),
+                              subtract_layers=None if subtract_layers is None
+                              else [int(i) for i in subtract_layers]))
     done = {}
     for row in log.rows:
         if row.get("method") == "edit" and row.get("task") == "safety" \
@@ -53,11 +64,13 @@ def alpha_sweep(model, tokenizer, direction, alphas: Sequence[float], *,
         if (edit, alpha) in done:
             rows.append(done[(edit, alpha)])
             continue
+        where = (dict(layers=subtract_layers, hooks=tuple(subtract_hooks))
+                 if edit == "subtract" else {})
         report = evaluate_edit(model, tokenizer, direction, toxic_prompts=toxic_prompts,
                                neutral_prompts=neutral_prompts, edit=edit,
                                alpha=1.0 if alpha is None else alpha,
                                perplexity_text=perplexity_text, window=window,
-                               max_windows=max_windows, **evaluate_edit_kwargs)
+                               max_windows=max_windows, **where, **evaluate_edit_kwargs)
         row = {"method": "edit", "config": config, "task": "safety", "settings": settings,
                "metric": "toxicity_toxic", "value": report.after.get("toxicity_toxic"),
                "edit": edit, "alpha": alpha, "toxicity_toxic": None, "toxicity_neutral": None,
