@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pruning_bridge.evals.lm import model_device
+
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 POOLS = ("last", "mean")
 
@@ -44,10 +46,6 @@ def model_dims(model) -> tuple[int, int]:
     if is_bridge(model):
         return model.adapter.n_layers, model.config.hidden_size
     return model.cfg.n_layers, model.cfg.d_model
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def hook_name(layer: int, hook: str) -> str:

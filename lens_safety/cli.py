@@ -278,15 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pruning_bridge.data import DataNotFoundError
-    from pruning_bridge.models import ModelLoadError
+    from pruning_bridge.cli import run_command
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (ModelLoadError, DataNotFoundError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

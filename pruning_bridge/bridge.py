@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .adapters import Adapter, adapter_for
+from .evals.lm import position_ids as mask_position_ids
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Names = Iterable[str] | Callable[[str], bool] | None
@@ -47,10 +48,6 @@ class ActivationCache(dict):
         close = difflib.get_close_matches(name, list(self), n=5, cutoff=0.5)
         raise UnknownHookError(f"{name!r} is not in this cache (cached: {len(self)} names"
                                + (f"; closest: {', '.join(close)}" if close else "") + ").")
-
-
-def _position_ids(attention_mask: Tensor) -> Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _layer_of(name: str) -> int | None:
@@ -219,7 +216,7 @@ class HookBridge:
         """Logits (with the active hooks applied) and a cache of ``names``."""
         ids, attention_mask = self.to_tokens(input_ids, attention_mask)
         if position_ids is None:
-            position_ids = _position_ids(attention_mask)
+            position_ids = mask_position_ids(attention_mask)
         cached = set(self.resolve(names)) if names else set()
         hooks = self._group(self._hooks)
         model_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, **kwargs)

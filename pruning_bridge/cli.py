@@ -14,6 +14,7 @@ def _evaluate(args: argparse.Namespace) -> EvalResult:
     from .data import load_wikitext2
     from .evals import default_window, gsm8k_accuracy, mmlu_accuracy, perplexity
     from .models import load_model
+    from .tasks import perplexity_batch
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     common = dict(seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size)
@@ -27,7 +28,7 @@ def _evaluate(args: argparse.Namespace) -> EvalResult:
     else:
         window = args.window or default_window(model)
         value = perplexity(model, tokenizer, load_wikitext2("test", args.data_dir), window=window,
-                           max_windows=args.limit, batch_size=max(1, args.batch_size // 4))
+                           max_windows=args.limit, batch_size=perplexity_batch(args.batch_size))
         result = EvalResult(task="perplexity", metric="perplexity", value=value,
                             settings={"window": window, "limit": args.limit,
                                       "text": "wikitext-2-raw-v1 test"})
@@ -160,16 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its subcommand; bad input prints one clear line and returns 2."""
     from .data import DataNotFoundError
     from .models import ModelLoadError
 
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ModelLoadError, DataNotFoundError, ValueError, IndexError) as error:
+    except (ModelLoadError, DataNotFoundError, FileNotFoundError, ValueError, IndexError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .evals.mmlu import context_length, letter_token_ids, mmlu_prompts, mmlu_res
 from .evals.perplexity import nll_sum, token_windows
 from .layers import _check_layers, decoder_layers, prefix_reused_logits, skip_layers
 from .results import ResultsLog
-from .tasks import METRICS, evaluate, parse_tasks, task_settings
+from .tasks import METRICS, evaluate, parse_tasks, perplexity_batch, task_settings
 
 METHOD = "layer_removal"
 
@@ -34,10 +34,10 @@ def _reused_mmlu(model, tokenizer, settings, layers, data_dir, batch_size, progr
     letters = letter_token_ids(tokenizer)
     scores = {key: torch.empty(len(questions), 4) for key in [None, *layers]}
     groups = batches_by_length([len(p) for p in prompts], batch_size)
+    device = next(model.parameters()).device
     for group in tqdm(groups, desc=f"MMLU, layers {layers[0]}-{layers[-1]} removed",
                       disable=not progress):
         enc = encode_batch(tokenizer, [prompts[i] for i in group])
-        device = next(model.parameters()).device
         for key, logits in prefix_reused_logits(model, enc["input_ids"].to(device),
                                                 enc["attention_mask"].to(device), layers,
                                                 logits_to_keep=1):
@@ -49,7 +49,7 @@ def _reused_perplexity(model, tokenizer, settings, layers, data_dir, batch_size,
     windows = token_windows(tokenizer, load_wikitext2("test", data_dir), settings["window"],
                             settings["limit"])
     nll = {key: 0.0 for key in [None, *layers]}
-    step = max(1, batch_size // 4)
+    step = perplexity_batch(batch_size)
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(windows), step),
                       desc=f"perplexity, layers {layers[0]}-{layers[-1]} removed",

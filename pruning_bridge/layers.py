@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .adapters import adapter_for
 from .bridge import HookBridge
+from .evals.lm import position_ids
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -132,8 +133,8 @@ def prefix_reused_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     The full forward records every layer's input; the model without layer i then starts from
     layer i's input and runs only layers i+1.., so the sweep costs about half of N full passes.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                  use_cache=False)
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
     out = model(input_ids=input_ids, output_hidden_states=True, **kwargs)

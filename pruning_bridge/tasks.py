@@ -33,6 +33,11 @@ def task_settings(task: str, model, *, limit: int | None = None, window: int | N
     return {"window": window or default_window(model), "limit": limit}
 
 
+def perplexity_batch(batch_size: int) -> int:
+    """Windows per perplexity batch: a quarter of ``batch_size`` (windows are long)."""
+    return max(1, batch_size // 4)
+
+
 def evaluate(model, tokenizer, task: str, settings: dict[str, Any], data_dir=None,
              batch_size: int = 8, progress: bool = True) -> float:
     """The task's metric for ``model`` (an HF model or a ``HookBridge`` with active hooks)."""
@@ -47,4 +52,4 @@ def evaluate(model, tokenizer, task: str, settings: dict[str, Any], data_dir=Non
                               progress=progress).value
     return perplexity(model, tokenizer, load_wikitext2("test", data_dir),
                       window=settings["window"], max_windows=settings["limit"],
-                      batch_size=max(1, batch_size // 4), progress=progress)
+                      batch_size=perplexity_batch(batch_size), progress=progress)

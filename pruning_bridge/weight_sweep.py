@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -65,10 +66,9 @@ def weight_sweep(model, tokenizer, tasks=("mmlu", "perplexity"),
     configs = [("dense", {"sparsity": 0.0})] + [
         (method, {"sparsity": float(s), "scope": scope if method == "magnitude" else "per_row"})
         for method in methods for s in sparsities]
+    settings = {task: task_settings(task, model, limit=limit, window=window, shots=shots,
+                                    seed=seed, max_new_tokens=max_new_tokens) for task in tasks}
     for method, config in configs:
-        settings = {task: task_settings(task, model, limit=limit, window=window, shots=shots,
-                                        seed=seed, max_new_tokens=max_new_tokens)
-                    for task in tasks}
         todo = [t for t in tasks if not log.has(method, config, t, settings[t])]
         if not todo:
             continue
@@ -76,7 +76,7 @@ def weight_sweep(model, tokenizer, tasks=("mmlu", "perplexity"),
             texts = list(calibration) if calibration is not None else calibration_texts(data_dir)
             norms = input_norms(model, tokenizer, texts)
         if method == "dense":
-            context = _nothing()
+            context = nullcontext()  # the dense model: no pruning, no report
         elif method == "magnitude":
             context = magnitude_prune(model, config["sparsity"], scope=scope)
         else:
@@ -91,13 +91,3 @@ def weight_sweep(model, tokenizer, tasks=("mmlu", "perplexity"),
                             "achieved_sparsity": report.sparsity if report else 0.0,
                             "seconds": round(time.perf_counter() - start, 3)})
     return [r for r in log.rows if r["method"] in ("dense", *methods) and r["task"] in tasks]
-
-
-class _nothing:
-    """The dense model: no pruning, no report."""
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc_info):
-        return None

@@ -101,7 +101,6 @@ def test_zeroing_a_head_equals_plain_pytorch(bridges, tiny, arch):
     model, _ = tiny(arch)
     ids, mask = bridge.to_tokens(PROMPTS)
     layer, head = 1, 2
-    d_head = bridge.cache_shape if False else None  # noqa: F841 (shape comes from the config)
     cfg = model.config
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
