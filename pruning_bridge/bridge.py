@@ -209,11 +209,20 @@ class HookBridge:
         return grouped
 
     # ---------------------------------------------------------------- TransformerLens verbs
-    @torch.no_grad()
     def forward(self, input_ids=None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, names: Names = (),
-                logits_to_keep: int = 0, **kwargs) -> tuple[Tensor, ActivationCache]:
-        """Logits (with the active hooks applied) and a cache of ``names``."""
+                logits_to_keep: int = 0, grad: bool = False,
+                **kwargs) -> tuple[Tensor, ActivationCache]:
+        """Logits (with the active hooks applied) and a cache of ``names``.
+
+        Runs without autograd unless ``grad=True`` (then gradients flow to anything the hooks
+        use, e.g. a trained router, and to the model's parameters that require them).
+        """
+        with torch.set_grad_enabled(grad):
+            return self._forward(input_ids, attention_mask, position_ids, names, logits_to_keep,
+                                 **kwargs)
+
+    def _forward(self, input_ids, attention_mask, position_ids, names, logits_to_keep, **kwargs):
         ids, attention_mask = self.to_tokens(input_ids, attention_mask)
         if position_ids is None:
             position_ids = mask_position_ids(attention_mask)
