@@ -1,6 +1,7 @@
-"""Plotly figures of the compression studies (the report's Figures 1 and 2), one function each.
+"""Plotly figures of the compression studies (the report's Figures 1, 2 and 3), one function each.
 
-Each function takes result rows (``ResultsLog.rows`` or a sweep's return value) and returns a
+Each function takes result rows (``ResultsLog.rows`` or a sweep's return value), an importance
+matrix or a training log, and returns a
 ``plotly.graph_objects.Figure``; ``save_figure`` writes it as interactive HTML and, when a
 Chrome/Chromium for kaleido is available, as a static PNG.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -99,6 +102,69 @@ def weight_pruning_figure(rows: Sequence[dict], title: str = "Weight pruning") -
         if task in dense:
             fig.add_hline(y=dense[task], line_dash="dash", line_color="black", row=1, col=k)
         fig.update_xaxes(title_text="sparsity (%)", row=1, col=k)
+        if task == "perplexity":
+            fig.update_yaxes(type="log", row=1, col=k)
+    fig.update_layout(title=title, template="plotly_white", height=450)
+    return fig
+
+
+def head_importance_figure(importance, title: str = "Head importance (mean router gate)",
+                           n_shared: int = 0, colorbar: str = "mean gate") -> go.Figure:
+    """Figure 3: a layers x heads heatmap of ``importance`` (``[n_layers, n_heads]``).
+
+    ``n_shared`` marks the always-on heads (their gate is 1 by construction) with a dotted line.
+    """
+    values = np.asarray(importance, dtype=float)
+    n_layers, n_heads = values.shape
+    fig = go.Figure(go.Heatmap(
+        z=values, x=list(range(n_heads)), y=list(range(n_layers)), colorscale="Viridis",
+        colorbar_title=colorbar,
+        hovertemplate="layer %{y}, head %{x}<br>%{z:.3f}<extra></extra>"))
+    if n_shared:
+        fig.add_vline(x=n_shared - 0.5, line_dash="dot", line_color="white",
+                      annotation_text="shared | routed", annotation_position="top")
+    fig.update_xaxes(title_text="head", dtick=1)
+    fig.update_yaxes(title_text="layer", dtick=1 if n_layers <= 32 else None, autorange="reversed")
+    fig.update_layout(title=title, template="plotly_white",
+                      height=max(380, 18 * n_layers + 160))
+    return fig
+
+
+def router_loss_figure(steps: Sequence[dict], title: str = "Router training") -> go.Figure:
+    """The language-modelling and load-balancing losses per step of ``train_router``."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["LM loss", "load-balancing loss"])
+    x = [s["step"] for s in steps]
+    for k, key in enumerate(("lm_loss", "balance_loss"), start=1):
+        fig.add_trace(go.Scatter(x=x, y=[s[key] for s in steps], mode="lines", showlegend=False,
+                                 hovertemplate="step %{x}<br>%{y:.4f}<extra></extra>"),
+                      row=1, col=k)
+        fig.update_xaxes(title_text="step", row=1, col=k)
+    fig.update_layout(title=title, template="plotly_white", height=380)
+    return fig
+
+
+def head_pruning_figure(rows: Sequence[dict], title: str = "Routed vs removed heads") -> go.Figure:
+    """Each task's metric against the fraction of active heads: routed (per token) vs removed.
+
+    The full model (100 % active) is drawn as a dashed reference.
+    """
+    tasks = _tasks(rows)
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[TASK_TITLES[t] for t in tasks])
+    full = {r["task"]: r["value"] for r in rows if r["method"] == "full"}
+    colors = {"routed": "#1f77b4", "removed": "#d62728"}
+    for k, task in enumerate(tasks, start=1):
+        for method, color in colors.items():
+            pts = sorted((r["config"]["active_fraction"], r["value"]) for r in rows
+                         if r["task"] == task and r["method"] == method)
+            fig.add_trace(go.Scatter(x=[100 * p[0] for p in pts], y=[p[1] for p in pts],
+                                     mode="lines+markers", name=method, line_color=color,
+                                     legendgroup=method, showlegend=k == 1,
+                                     hovertemplate=f"{method}<br>%{{x:.0f}}% heads active<br>"
+                                                   "%{y:.4g}<extra></extra>"),
+                          row=1, col=k)
+        if task in full:
+            fig.add_hline(y=full[task], line_dash="dash", line_color="black", row=1, col=k)
+        fig.update_xaxes(title_text="active heads (%)", row=1, col=k)
         if task == "perplexity":
             fig.update_yaxes(type="log", row=1, col=k)
     fig.update_layout(title=title, template="plotly_white", height=450)

@@ -31,7 +31,8 @@ def load_balancing_loss(router_probs: Tensor, topk_mask: Tensor) -> Tensor:
     """``E * sum_i f_i * P_i`` over ``[tokens, E]`` router probabilities and top-k mask.
 
     f_i is the fraction of tokens whose top-k includes routed head i, P_i the mean probability of
-    head i. Uniform routing gives exactly k (its minimum); concentrating on a few heads raises it.
+    head i. Uniform routing gives k; sending every token to the same few heads gives E times
+    their probability mass, more than k; so minimising it spreads tokens over the heads.
     """
     if router_probs.shape != topk_mask.shape or router_probs.ndim != 2:
         raise ValueError(f"router_probs and topk_mask must both be [tokens, routed_heads]; got "
@@ -236,11 +237,11 @@ class RoutedHeads(nn.Module):
                                     f"router.pt, written by RoutedHeads.save).")
         settings = json.loads((path / "router.json").read_text())
         d_model, n_heads = _dims(model_or_bridge.config)
-        if (settings["n_heads"], settings["n_layers"]) != (
-                n_heads, model_or_bridge.config.num_hidden_layers):
+        n_layers = model_or_bridge.config.num_hidden_layers
+        if (settings["n_heads"], settings["n_layers"]) != (n_heads, n_layers):
             raise ValueError(f"The router in {path} was trained for {settings['n_layers']} "
                              f"layers x {settings['n_heads']} heads; this model has "
-                             f"{model_or_bridge.config.num_hidden_layers} x {n_heads}.")
+                             f"{n_layers} x {n_heads}.")
         router = cls(model_or_bridge, settings["n_shared"], settings["top_k"], settings["layers"])
         router.load_state_dict(torch.load(path / "router.pt", weights_only=True))
         return router

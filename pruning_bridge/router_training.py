@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,20 @@ class RouterTrainingLog(JsonDataclass):
         import pandas as pd
 
         return pd.DataFrame(self.steps)
+
+
+@contextmanager
+def frozen(model) -> Iterator[None]:
+    """Inside the block no parameter of ``model`` requires gradients; flags restored on exit."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def training_windows(tokenizer, texts: Sequence[str], seq_len: int) -> Tensor:
@@ -125,14 +140,10 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
     out = Path(out) if out is not None else None
     log = RouterTrainingLog(settings)
 
-    params = list(router.parameters())
-    groups = [{"params": params, "lr": lr}]
-    base_params = [p for p in bridge.parameters()]
-    was_trainable = [p.requires_grad for p in base_params]
-    for p in base_params:
-        p.requires_grad_(train_base)
+    groups = [{"params": list(router.parameters()), "lr": lr}]
     if train_base:
-        groups.append({"params": base_params, "lr": base_lr})
+        groups.append({"params": [p for p in bridge.parameters() if p.requires_grad],
+                       "lr": base_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     start = _resume(out, router, optimizer, log) if out is not None else 0
@@ -141,7 +152,7 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
                        for _ in range(math.ceil(steps * batch_size / len(windows)) + 1)])
     dtype = next(bridge.parameters()).dtype
     try:
-        with router.routing(bridge):
+        with nullcontext() if train_base else frozen(bridge.model), router.routing(bridge):
             bar = tqdm(range(start, steps), desc="router training", disable=not progress,
                        initial=start, total=steps)
             for step in bar:
@@ -168,8 +179,6 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
                     if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
                         _checkpoint(out, router, optimizer, step + 1)
     finally:
-        for p, trainable in zip(base_params, was_trainable):
-            p.requires_grad_(trainable)
         router.last.clear()  # drop the autograd graph of the last batch
     if out is not None:
         router.save(out)
