@@ -1,43 +1,80 @@
-"""The main job: reproduce the report on the embedded SmolLM2-135M, offline.
+"""The main job: reproduce the whole report in one command and write one HTML page with it all.
 
-It runs the evaluation baseline (MMLU 0-shot, GSM8K 8-shot, WikiText-2 perplexity), the
-layer-removal sweep (Figure 1) and the weight-pruning sweep, magnitude vs Wanda (Figure 2), and
-prints tables, then the safety study (probes per layer, the harmful direction, projection
-ablation evaluated); head routing joins it when it lands. Results are written to
-``results/`` as they finish and reused when rerun, so an interrupted run resumes where it
-stopped; figures go to ``figures/``.
+In order: the evaluation baseline (MMLU, GSM8K, WikiText-2 perplexity), the layer-removal sweep
+with Block Influence (Figure 1), magnitude vs Wanda weight pruning (Figure 2), a head-router
+training run with head importance and routed vs removed heads (Figure 3), and the safety study
+(probes per layer, the harmful direction, projection ablation evaluated). Results are written
+to ``results/<model>/`` as they finish and reused when rerun, so an interrupted run resumes
+where it stopped; figures and ``report.html`` go to ``figures/``.
 
-    python examples/reproduce_report.py --data-dir ../shared/data
+    python examples/reproduce_report.py --data-dir ../shared/data            # SmolLM2, ~15 min CPU
+    python examples/reproduce_report.py --preset report --device cuda --dtype bfloat16
+                                       # GPT-2 Large, Qwen3-0.6B and TinyLlama-1.1B (needs the hub)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
 
 from pruning_bridge.data import load_wikitext2
 from pruning_bridge.evals import EvalResult, gsm8k_accuracy, mmlu_accuracy, perplexity
-from pruning_bridge.figures import layer_removal_figure, save_figure, weight_pruning_figure
+from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
+                                    layer_removal_figure, router_loss_figure, save_figure,
+                                    weight_pruning_figure)
+from pruning_bridge.head_study import run_head_study
 from pruning_bridge.layer_sweep import layer_sweep, rank_correlation
 from pruning_bridge.layers import block_influence
 from pruning_bridge.models import load_model
+from pruning_bridge.report import Section, package_versions, write_report
 from pruning_bridge.weight_sweep import REPORT_SPARSITIES, weight_sweep
 
-PRESETS = {  # sizes that finish on 2 CPU cores in minutes (default) or seconds (smoke)
-    "default": dict(model="smollm2-135m", mmlu=451, gsm8k=16, gsm8k_tokens=192, windows=8,
-                    window=1024, sweep_tasks="mmlu,perplexity", sweep_mmlu=57,
-                    sweep_windows=4, sweep_window=512, safety_per_class=None,
+SMOL = "smollm2-135m"
+PRESETS = {  # sizes: ~15 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
+    "default": dict(compress_model=SMOL, head_models=[SMOL], safety_model=SMOL,
+                    mmlu=451, gsm8k=16, gsm8k_tokens=192, windows=8, window=1024,
+                    layer_tasks="perplexity", weight_tasks="mmlu,perplexity", sweep_mmlu=57,
+                    sweep_windows=4, sweep_window=512, head_steps=40, head_batch=4,
+                    head_seq_len=128, head_tasks="mmlu,perplexity", safety_per_class=None,
                     safety_prompts=32),
-    "smoke": dict(model="tiny-llama", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2, window=128,
-                  sweep_tasks="mmlu,perplexity", sweep_mmlu=4, sweep_windows=2,
-                  sweep_window=64, safety_per_class=20, safety_prompts=4),
-    "report": dict(model="Qwen/Qwen3-0.6B", mmlu=451, gsm8k=131, gsm8k_tokens=256, windows=None,
-                   window=2048, sweep_tasks="mmlu,gsm8k,perplexity", sweep_mmlu=451,
-                   sweep_windows=None, sweep_window=2048, safety_per_class=None,
+    "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
+                  safety_model="tiny-gpt2", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2,
+                  window=128, layer_tasks="mmlu,perplexity", weight_tasks="mmlu,perplexity",
+                  sweep_mmlu=4, sweep_windows=2, sweep_window=64, head_steps=6, head_batch=2,
+                  head_seq_len=32, head_tasks="mmlu,perplexity", safety_per_class=20,
+                  safety_prompts=4),
+    "report": dict(compress_model="Qwen/Qwen3-0.6B",
+                   head_models=["TinyLlama/TinyLlama_v1.1", "Qwen/Qwen3-0.6B"],
+                   safety_model="gpt2-large", mmlu=451, gsm8k=131, gsm8k_tokens=256,
+                   windows=None, window=2048, layer_tasks="mmlu,gsm8k,perplexity",
+                   weight_tasks="mmlu,gsm8k,perplexity", sweep_mmlu=451, sweep_windows=None,
+                   sweep_window=2048, head_steps=1000, head_batch=8, head_seq_len=512,
+                   head_tasks="mmlu,gsm8k,perplexity", safety_per_class=None,
                    safety_prompts=100),
 }
+
+
+class Models:
+    """Loads each model once, keeping only the current one in memory (GPU memory is finite)."""
+
+    def __init__(self, dtype, device):
+        self.dtype, self.device, self.name, self.loaded = dtype, device, None, None
+
+    def __call__(self, name: str):
+        if name != self.name:
+            self.loaded = None
+            gc.collect()
+            self.loaded, self.name = load_model(name, dtype=self.dtype, device=self.device), name
+        return self.loaded
+
+
+def folder(out: Path, model: str) -> Path:
+    path = out / model.replace("/", "--")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def cached(path: Path, compute) -> EvalResult:
@@ -49,14 +86,18 @@ def cached(path: Path, compute) -> EvalResult:
     return result
 
 
-def baseline(model, tokenizer, p: dict, data_dir, out: Path) -> list[EvalResult]:
+def baseline(models: Models, p: dict, data_dir, out: Path) -> list[Section]:
+    name = p["compress_model"]
+    model, tokenizer = models(name)
+    out = folder(out, name)
+
     def ppl() -> EvalResult:
         text = load_wikitext2("test", data_dir)
         value = perplexity(model, tokenizer, text, window=p["window"], max_windows=p["windows"])
         return EvalResult("perplexity", "perplexity", value,
                           {"window": p["window"], "windows": p["windows"]})
 
-    return [
+    results = [
         cached(out / "baseline_mmlu.json",
                lambda: mmlu_accuracy(model, tokenizer, limit=p["mmlu"], data_dir=data_dir)),
         cached(out / "baseline_gsm8k.json",
@@ -64,79 +105,153 @@ def baseline(model, tokenizer, p: dict, data_dir, out: Path) -> list[EvalResult]
                                       max_new_tokens=p["gsm8k_tokens"])),
         cached(out / "baseline_perplexity.json", ppl),
     ]
+    rows = [{"task": r.task, "metric": r.metric, "value": r.value,
+             "settings": {k: v for k, v in r.settings.items() if k != "n"}} for r in results]
+    print(f"\nBaseline of {name}")
+    for row in rows:
+        print(f"{row['task']:<12}{row['metric']:<12}{row['value']:>10.4f}  "
+              f"{json.dumps(row['settings'])}")
+    return [Section(f"Baseline: {name}", "The unpruned model on each benchmark (MMLU 0-shot "
+                    "over a subject-stratified subset, GSM8K 8-shot greedy, WikiText-2 test "
+                    "perplexity over non-overlapping windows).", tables=[("baseline", rows)])]
 
 
-def sweeps(model, tokenizer, p: dict, data_dir, out: Path, figures: Path) -> None:
-    """Figure 1 (one layer removed at a time) and Figure 2 (magnitude vs Wanda sparsity)."""
-    kw = dict(data_dir=data_dir, limit=None, window=p["sweep_window"])
+def _sweep(fn, tasks: str, p: dict, **kw) -> list[dict]:
+    rows = []
+    limits = {"mmlu": p["sweep_mmlu"], "gsm8k": p["gsm8k"], "perplexity": p["sweep_windows"]}
+    for task in tasks.split(","):
+        rows += fn(tasks=[task], limit=limits[task], max_new_tokens=p["gsm8k_tokens"], **kw)
+    return rows
 
-    layer_rows = []
-    for task, limit in (("mmlu", p["sweep_mmlu"]), ("gsm8k", p["gsm8k"]),
-                        ("perplexity", p["sweep_windows"])):
-        if task in p["sweep_tasks"].split(","):
-            layer_rows += layer_sweep(model, tokenizer, [task], out=out / "layer_sweep.jsonl",
-                                      **{**kw, "limit": limit},
-                                      max_new_tokens=p["gsm8k_tokens"])
-    weight_rows = []
-    for task, limit in (("mmlu", p["sweep_mmlu"]), ("gsm8k", p["gsm8k"]),
-                        ("perplexity", p["sweep_windows"])):
-        if task in p["sweep_tasks"].split(","):
-            weight_rows += weight_sweep(model, tokenizer, [task], REPORT_SPARSITIES,
-                                        ("magnitude", "wanda"), out=out / "weight_sweep.jsonl",
-                                        **{**kw, "limit": limit},
-                                        max_new_tokens=p["gsm8k_tokens"])
-    name = p["model"]
-    text = load_wikitext2("test", data_dir)
-    paragraphs = [t for t in text.split("\n\n") if len(t) > 200][:16]
-    influence = block_influence(model, tokenizer, paragraphs, max_length=256)
-    correlations = {t: rank_correlation(influence, layer_rows, t)
-                    for t in sorted({r["task"] for r in layer_rows})}
-    (out / "block_influence.json").write_text(json.dumps(
-        {"block_influence": influence, "spearman_vs_damage": correlations}, indent=2))
-    print("\nFigure 1: one layer removed (BI = ShortGPT Block Influence)")
-    tasks = sorted({r["task"] for r in layer_rows})
-    print(f"{'removed':>8}{'BI':>8}" + "".join(f"{t:>13}" for t in tasks))
-    by = {(r["task"], tuple(r["config"]["removed"])): r["value"] for r in layer_rows}
-    for removed in sorted({tuple(r["config"]["removed"]) for r in layer_rows}):
-        label = "none" if not removed else str(removed[0])
-        bi = f"{influence[removed[0]]:.4f}" if removed else ""
-        print(f"{label:>8}{bi:>8}" + "".join(f"{by.get((t, removed), float('nan')):>13.4f}"
-                                             for t in tasks))
-    print("Spearman(Block Influence, damage of removal):",
+
+def layers(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
+    """Figure 1: one layer removed at a time, with ShortGPT's Block Influence as a ranking."""
+    name = p["compress_model"]
+    model, tokenizer = models(name)
+    out = folder(out, name)
+    rows = _sweep(lambda **kw: layer_sweep(model, tokenizer, out=out / "layer_sweep.jsonl",
+                                           data_dir=data_dir, window=p["sweep_window"], **kw),
+                  p["layer_tasks"], p)
+    influence_path = out / "block_influence.json"
+    if not influence_path.exists():
+        text = load_wikitext2("test", data_dir)
+        paragraphs = [t for t in text.split("\n\n") if len(t) > 200][:16]
+        influence = block_influence(model, tokenizer, paragraphs, max_length=256)
+        correlations = {t: rank_correlation(influence, rows, t)
+                        for t in sorted({r["task"] for r in rows})}
+        influence_path.write_text(json.dumps({"block_influence": influence,
+                                              "spearman_vs_damage": correlations}, indent=2))
+    saved = json.loads(influence_path.read_text())
+    influence, correlations = saved["block_influence"], saved["spearman_vs_damage"]
+    by = {(r["task"], tuple(r["config"]["removed"])): r["value"] for r in rows}
+    tasks = sorted({r["task"] for r in rows})
+    table = [{"removed layer": "none" if not k else k[0],
+              "block influence": influence[k[0]] if k else None,
+              **{t: by.get((t, k)) for t in tasks}}
+             for k in sorted({tuple(r["config"]["removed"]) for r in rows})]
+    print("\nFigure 1: one layer removed; Spearman(Block Influence, damage):",
           {t: round(c, 3) for t, c in correlations.items()})
-    print("\nFigure 2: weight pruning")
-    by = {(r["method"], r["config"]["sparsity"], r["task"]): r["value"] for r in weight_rows}
-    print(f"{'method':>10}{'sparsity':>10}" + "".join(f"{t:>13}" for t in tasks))
-    for method, sparsity in sorted({k[:2] for k in by}):
-        print(f"{method:>10}{sparsity:>10.2f}" + "".join(
-            f"{by.get((method, sparsity, t), float('nan')):>13.4f}" for t in tasks))
-    for fig, stem in ((layer_removal_figure(layer_rows, f"{name}: removing one layer"),
-                       "figure1_layer_removal"),
-                      (weight_pruning_figure(weight_rows, f"{name}: weight pruning"),
-                       "figure2_weight_pruning")):
-        print("wrote", *save_figure(fig, figures / stem))
+    fig = layer_removal_figure(rows, f"{name}: removing one layer")
+    print("wrote", *save_figure(fig, figures / "figure1_layer_removal"))
+    return [Section(
+        f"Figure 1: layer removal ({name})",
+        "Each decoder layer is removed in turn (it passes its input through) and the model is "
+        "re-evaluated; the dashed line is the unpruned model. Block Influence (1 - mean cosine "
+        "between a layer's input and output) ranks layers without any evaluation; its Spearman "
+        f"correlation with the damage of removal: {json.dumps(correlations)}.",
+        figures=[fig], tables=[("metric with one layer removed", table)])]
 
 
-def safety(model, tokenizer, p: dict, data_dir, out: Path, figures: Path) -> None:
+def weights(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
+    """Figure 2: magnitude vs Wanda pruning at 5-50 % sparsity."""
+    name = p["compress_model"]
+    model, tokenizer = models(name)
+    out = folder(out, name)
+    rows = _sweep(lambda **kw: weight_sweep(model, tokenizer, sparsities=REPORT_SPARSITIES,
+                                            methods=("magnitude", "wanda"),
+                                            out=out / "weight_sweep.jsonl", data_dir=data_dir,
+                                            window=p["sweep_window"], **kw),
+                  p["weight_tasks"], p)
+    by = {(r["method"], r["config"]["sparsity"], r["task"]): r["value"] for r in rows}
+    tasks = sorted({r["task"] for r in rows})
+    table = [{"method": m, "sparsity": s, **{t: by.get((m, s, t)) for t in tasks}}
+             for m, s in sorted({k[:2] for k in by})]
+    fig = weight_pruning_figure(rows, f"{name}: weight pruning")
+    print("\nFigure 2: weight pruning;", "wrote", *save_figure(fig, figures /
+                                                                "figure2_weight_pruning"))
+    return [Section(
+        f"Figure 2: weight pruning ({name})",
+        "The smallest weights of every linear layer in the decoder are zeroed, per matrix by "
+        "|W| (magnitude) or per output row by |W| times the input's norm on calibration text "
+        "(Wanda). The dashed line is the dense model.", figures=[fig],
+        tables=[("metric per method and sparsity", table)])]
+
+
+def heads(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
+    """Figure 3: a trained head router's mean gates, and routed vs removed heads."""
+    sections = []
+    for name in p["head_models"]:
+        model, tokenizer = models(name)
+        study = run_head_study(
+            model, tokenizer, folder(out, name) / "heads", steps=p["head_steps"],
+            batch_size=p["head_batch"], seq_len=p["head_seq_len"], tasks=p["head_tasks"],
+            data_dir=data_dir, limit=p["sweep_mmlu"], window=p["sweep_window"],
+            max_new_tokens=p["gsm8k_tokens"])
+        stem = "figure3" if name == p["head_models"][0] else f"figure3_{name.split('/')[-1]}"
+        figs = [head_importance_figure(study.mean_gates, f"{name}: mean router gate per head",
+                                       study.router.n_shared),
+                head_importance_figure(study.gradient_importance,
+                                       f"{name}: head-mask gradient importance (Michel et al.)",
+                                       colorbar="|dL/dξ|"),
+                router_loss_figure(study.log.steps, f"{name}: router training"),
+                head_pruning_figure(study.rows, f"{name}: routed vs removed heads")]
+        for fig, suffix in zip(figs, ("head_importance", "gradient_importance",
+                                      "router_training", "head_sweep")):
+            save_figure(fig, figures / f"{stem}_{suffix}")
+        table = [{"method": r["method"], "active heads": r["config"]["active_fraction"],
+                  "task": r["task"], "value": r["value"]} for r in study.rows]
+        ranking = study.layer_ranking()
+        log = study.log
+        print(f"\nFigure 3 ({name}): router {study.router.settings()}, "
+              f"{log.seconds_per_step:.2f} s/step; most selective layers {ranking[:5]}")
+        for row in table:
+            print(f"{row['method']:<8} {row['active heads']:.3f} {row['task']:<11} "
+                  f"{row['value']:.4f}")
+        sections.append(Section(
+            f"Figure 3: routed heads ({name})",
+            f"A router per layer (MoH style: {study.router.n_shared} shared head(s), top-"
+            f"{study.router.top_k} of the routed ones per token, gates renormalised and scaled "
+            f"by k) was trained for {len(log.steps)} steps on WikiText-2 validation text with "
+            f"the model frozen ({log.seconds_per_step:.2f} s per step; LM loss "
+            f"{log.steps[0]['lm_loss']:.3f} -> {log.steps[-1]['lm_loss']:.3f}). The heatmap is "
+            f"each head's mean gate on held-out text (Figure 3); next to it the static head-mask "
+            f"gradient importance. The sweep compares routing per token with physically "
+            f"removing the heads of lowest mean gate, at the same fraction of active heads. "
+            f"Layers where the router is most selective (gate spread): "
+            f"{', '.join(f'{layer} ({spread:.2f})' for layer, spread in ranking[:5])}.",
+            figures=figs, tables=[("routed vs removed heads", table),
+                                  ("training log (every 5th step)", log.steps[::5])]))
+    return sections
+
+
+def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
     """Probes per layer, the harmful direction, and projection ablation evaluated."""
     from lens_safety import PromptSet, evaluate_edit, run_probe_study
     from pruning_bridge.bridge import HookBridge
 
+    name = p["safety_model"]
+    model, tokenizer = models(name)
+    out = folder(out, name) / "safety"
     bridge = HookBridge(model, tokenizer)
-    study = run_probe_study(bridge, tokenizer, model_name=p["model"], data_dir=data_dir,
-                            n_per_class=p["safety_per_class"], out_dir=out / "safety")
-    print(f"\nSafety probes (binary harmful vs neutral, {study['n_train']} train / "
-          f"{study['n_test']} held-out prompts)")
-    print(f"{'layer':>5} {'cv AUROC':>9} {'held-out AUROC':>15} {'3-class cv acc':>15}")
-    for cv, test, three in zip(study["cv_binary"], study["held_out_binary"],
-                               study["cv_three_class"]):
-        print(f"{cv['layer']:>5} {cv['auroc']:>9.3f} {test['auroc']:>15.3f} "
-              f"{three['accuracy']:>15.3f}")
-    print(f"best layer {study['best_layer']}; direction AUROC on held-out prompts "
-          f"{study['held_out_projection_auroc']:.3f}")
-    print("wrote", *save_figure(study["probes"].figure(f"{p['model']}: probe per layer"),
-                                figures / "safety_probes"))
-    report_path = out / "safety" / "edit_project.json"
+    study = run_probe_study(bridge, tokenizer, model_name=name, data_dir=data_dir,
+                            n_per_class=p["safety_per_class"], out_dir=out)
+    probe_table = [{"layer": cv["layer"], "cv AUROC": cv["auroc"], "held-out AUROC": t["auroc"],
+                    "3-class cv accuracy": three["accuracy"]}
+                   for cv, t, three in zip(study["cv_binary"], study["held_out_binary"],
+                                           study["cv_three_class"])]
+    fig = study["probes"].figure(f"{name}: probe per layer")
+    save_figure(fig, figures / "safety_probes")
+    report_path = out / "edit_project.json"
     if not report_path.exists():
         prompts = PromptSet.load(data_dir, n_per_class=p["safety_per_class"], seed=0)
         _, test = prompts.split(test_size=0.25, seed=0)
@@ -149,45 +264,65 @@ def safety(model, tokenizer, p: dict, data_dir, out: Path, figures: Path) -> Non
                                window=p["sweep_window"], max_windows=p["sweep_windows"],
                                probe=study["probes"], probe_layer=study["best_layer"])
         report.to_json(report_path)
-    print("\nProjection ablation of the harmful direction at every layer:")
-    print(_edit_table(json.loads(report_path.read_text())))
+    edit = json.loads(report_path.read_text())
+    edit_table = [{"metric": m, "before": b, "after": edit["after"][m]}
+                  for m, b in edit["before"].items()]
+    print(f"\nSafety ({name}): best layer {study['best_layer']}, direction held-out AUROC "
+          f"{study['held_out_projection_auroc']:.3f}")
+    for row in edit_table:
+        print(f"{row['metric']:<24}{row['before']:>12.4g}{row['after']:>12.4g}")
+    return [Section(
+        f"Safety: probes, harmful direction, edit ({name})",
+        f"A logistic-regression probe per layer separates harmful (biased + toxic) from neutral "
+        f"prompts on pooled residuals ({study['n_train']} train / {study['n_test']} held-out "
+        f"prompts). The harmful direction (difference of class means at the best layer, "
+        f"{study['best_layer']}) separates held-out prompts with AUROC "
+        f"{study['held_out_projection_auroc']:.3f}. Projecting it out of the residual stream at "
+        f"every layer changes toxicity, perplexity and the probe's harmful score as tabled.",
+        figures=[fig], tables=[("probe per layer", probe_table),
+                               ("projection ablation, before vs after", edit_table)])]
 
 
-def _edit_table(report: dict) -> str:
-    lines = [f"{'metric':<24}{'before':>12}{'after':>12}"]
-    for metric, before in report["before"].items():
-        lines.append(f"{metric:<24}{before:>12.4g}{report['after'][metric]:>12.4g}")
-    return "\n".join(lines)
-
-
-def main() -> None:
+def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    parser.add_argument("--model", default=None, help="override the preset's model")
+    parser.add_argument("--model", default=None, help="use this model for every stage")
     parser.add_argument("--data-dir", default=None, help="local data (default: the hub)")
     parser.add_argument("--out", default="results", help="results folder (resumable)")
-    parser.add_argument("--figures", default="figures", help="figures folder")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--figures", default="figures", help="figures and report.html folder")
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    parser.add_argument("--device", default=None,
+                        help="cpu (default), cuda, cuda:1, or auto (spread over all GPUs)")
+    args = parser.parse_args(argv)
     args.data_dir = args.data_dir or None  # "" means the hub
     p = dict(PRESETS[args.preset])
     if args.model:
-        p["model"] = args.model
-    out = Path(args.out) / p["model"].replace("/", "--")
-    out.mkdir(parents=True, exist_ok=True)
+        p.update(compress_model=args.model, head_models=[args.model], safety_model=args.model)
+    out, figures = Path(args.out), Path(args.figures)
     start = time.perf_counter()
-    model, tokenizer = load_model(p["model"], dtype=args.dtype, device=args.device)
-    results = baseline(model, tokenizer, p, args.data_dir, out)
-    print(f"\nModel: {p['model']}   preset: {args.preset}   results: {out}")
-    print(f"{'task':<12}{'metric':<12}{'value':>10}  settings")
-    for r in results:
-        settings = {k: v for k, v in r.settings.items() if k != "n"}
-        print(f"{r.task:<12}{r.metric:<12}{r.value:>10.4f}  {json.dumps(settings)}")
-    sweeps(model, tokenizer, p, args.data_dir, out, Path(args.figures))
-    safety(model, tokenizer, p, args.data_dir, out, Path(args.figures))
-    print(f"wall time: {time.perf_counter() - start:.1f} s")
+    models = Models(args.dtype, args.device)
+    sections, timings = [], {}
+    for stage in (baseline, layers, weights, heads, safety):
+        tic = time.perf_counter()
+        kw = {} if stage is baseline else {"figures": figures}
+        sections += stage(models, p, args.data_dir, out, **kw)
+        timings[stage.__name__] = round(time.perf_counter() - tic, 1)
+    wall = time.perf_counter() - start
+    used = dict.fromkeys([p["compress_model"], *p["head_models"], p["safety_model"]])
+    provenance = {"models": list(used), "data": str(Path(args.data_dir).resolve())
+                  if args.data_dir else "Hugging Face hub", **package_versions(),
+                  "results": str(out.resolve())}
+    path = write_report(
+        figures / "report.html", sections, title="From Layers to Latents: the report, reproduced",
+        settings={"preset": args.preset, "dtype": args.dtype or "float32",
+                  "device": args.device or "cpu", **p, "stage seconds (this run)": timings},
+        provenance=provenance, run_time_s=wall,
+        notes="Every number below was computed by this run or an earlier interrupted run of "
+              "the same settings (results are reused from the results folder).")
+    print(f"\nstage seconds: {timings}\nwall time: {wall:.1f} s\nwrote {path} "
+          f"({path.stat().st_size / 1e6:.1f} MB)")
+    return path
 
 
 if __name__ == "__main__":

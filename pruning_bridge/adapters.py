@@ -42,11 +42,15 @@ def _replace_first(raw, value):
     return (value, *raw[1:]) if isinstance(raw, tuple) else value
 
 
-def _heads(n_heads: int, d_head: int):
-    """Point functions for a flat ``[b, p, n_heads * d_head]`` tensor seen as per-head."""
+def _heads(d_head: int):
+    """Point functions for a flat ``[b, p, heads * d_head]`` tensor seen as per-head.
+
+    The head count comes from the tensor, so models with heads removed (fewer in some layers
+    than the config says) work too.
+    """
     def split(raw, ctx):
         x = _first(raw)
-        return {"": x.view(*x.shape[:-1], n_heads, d_head)}
+        return {"": x.view(*x.shape[:-1], -1, d_head)}
 
     def merge(raw, views, ctx):
         x = _first(raw)
@@ -117,16 +121,14 @@ class Adapter:
 def _llama_like(model, family: str) -> Adapter:
     cfg = model.config
     n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    q, qm = _heads(n_heads, d_head)
-    kv, kvm = _heads(n_kv, d_head)
+    q, qm = _heads(d_head)  # query, key and value heads alike (GQA has fewer kv heads)
     points = (
         Point("", "input", ("hook_resid_pre",), *_named("hook_resid_pre", _plain, _plain_merge),
               key="resid_pre"),
         Point("self_attn.q_proj", "output", ("attn.hook_q",), *_named("attn.hook_q", q, qm)),
-        Point("self_attn.k_proj", "output", ("attn.hook_k",), *_named("attn.hook_k", kv, kvm)),
-        Point("self_attn.v_proj", "output", ("attn.hook_v",), *_named("attn.hook_v", kv, kvm)),
+        Point("self_attn.k_proj", "output", ("attn.hook_k",), *_named("attn.hook_k", q, qm)),
+        Point("self_attn.v_proj", "output", ("attn.hook_v",), *_named("attn.hook_v", q, qm)),
         Point("self_attn.o_proj", "input", ("attn.hook_z",), *_named("attn.hook_z", q, qm)),
         Point("self_attn", "output", ("hook_attn_out",),
               *_named("hook_attn_out", _plain, _plain_merge)),
@@ -143,20 +145,20 @@ def _gpt2(model) -> Adapter:
     cfg = model.config
     n_heads, d_model = cfg.n_head, cfg.n_embd
     d_head = d_model // n_heads
-    z, zm = _heads(n_heads, d_head)
+    z, zm = _heads(d_head)
 
-    def qkv_split(raw, ctx):
+    def qkv_split(raw, ctx):  # c_attn's output is [q | k | v], each heads * d_head wide
         x = _first(raw)
-        q, k, v = x.split(d_model, dim=-1)
-        shape = (*x.shape[:-1], n_heads, d_head)
+        q, k, v = x.chunk(3, dim=-1)
+        shape = (*x.shape[:-1], -1, d_head)
         return {"attn.hook_q": q.reshape(shape), "attn.hook_k": k.reshape(shape),
                 "attn.hook_v": v.reshape(shape)}
 
     def qkv_merge(raw, views, ctx):
         x = _first(raw)
-        parts = dict(zip(("attn.hook_q", "attn.hook_k", "attn.hook_v"), x.split(d_model, -1)))
+        parts = dict(zip(("attn.hook_q", "attn.hook_k", "attn.hook_v"), x.chunk(3, -1)))
         for name, value in views.items():
-            parts[name] = value.reshape(*x.shape[:-1], d_model)
+            parts[name] = value.reshape(*x.shape[:-1], -1)
         return _replace_first(raw, torch.cat(list(parts.values()), -1).to(x.dtype))
 
     points = (

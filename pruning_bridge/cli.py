@@ -1,4 +1,4 @@
-"""Command line: ``python -m pruning_bridge eval --model SPEC --task {mmlu,gsm8k,perplexity}``."""
+"""Command line: ``python -m pruning_bridge {eval,layers,weights,heads} --model SPEC ...``."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def _ints(text: str | None) -> list[int] | None:
     return None if not text else [int(x) for x in text.split(",") if x.strip()]
 
 
-def _add_common(p, tasks_default: str) -> None:
+def _add_common(p, tasks_default: str,
+                out_help: str = "results JSONL (appended; rerun to resume)") -> None:
     p.add_argument("--model", required=True,
                    help="hub id, local checkpoint directory, smollm2-135m or tiny-{gpt2,qwen3,llama}")
     p.add_argument("--tasks", default=tasks_default, help="comma-separated: mmlu,gsm8k,perplexity")
@@ -87,7 +88,7 @@ def _add_common(p, tasks_default: str) -> None:
     p.add_argument("--data-dir", default=None, help="local data (default: the hub)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True, help="results JSONL (appended; rerun to resume)")
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--figure", default=None, help="also write the figure here (HTML + PNG)")
 
 
@@ -152,12 +153,60 @@ def _add_weights(sub) -> None:
     p.set_defaults(run=_run_weights)
 
 
+def _run_heads(args: argparse.Namespace) -> int:
+    from .figures import (head_importance_figure, head_pruning_figure, router_loss_figure,
+                          save_figure)
+    from .head_study import run_head_study
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    study = run_head_study(
+        model, tokenizer, args.out, n_shared=args.shared, top_k=args.top_k,
+        layers=_ints(args.layers), steps=args.steps, batch_size=args.train_batch_size,
+        seq_len=args.seq_len, lr=args.lr, beta=args.beta,
+        fractions=[float(x) for x in args.fractions.split(",")], tasks=args.tasks,
+        data_dir=args.data_dir, limit=args.limit, window=args.window, shots=args.shots,
+        max_new_tokens=args.max_new_tokens, eval_batch_size=args.batch_size, seed=args.seed)
+    print(f"router: {study.router.settings()}, {len(study.log.steps)} steps, "
+          f"{study.log.seconds_per_step:.2f} s/step")
+    for row in study.rows:
+        print(f"{row['method']:<8} active={row['config']['active_fraction']:.3f} "
+              f"{row['task']:<11} {row['metric']}={row['value']:.4f}")
+    print("layers where the router is most selective:",
+          ", ".join(f"{layer} ({spread:.2f})" for layer, spread in study.layer_ranking()[:5]))
+    figure = args.figure or str(args.out).rstrip("/") + "/figure3_head_importance"
+    print("wrote", *save_figure(head_importance_figure(
+        study.mean_gates, f"{args.model}: mean router gate", study.router.n_shared), figure))
+    print("wrote", *save_figure(router_loss_figure(study.log.steps), figure + "_training"))
+    print("wrote", *save_figure(head_pruning_figure(study.rows), figure + "_sweep"))
+    return 0
+
+
+def _add_heads(sub) -> None:
+    p = sub.add_parser("heads", help="train a head router, rank heads, evaluate routed and "
+                                     "removed heads (Figure 3)")
+    _add_common(p, "mmlu,perplexity", out_help="output directory (router, importance, results; "
+                                               "rerun to resume)")
+    p.add_argument("--shared", type=int, default=1, help="always-on heads per layer")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="routed heads per token while training (default half of them)")
+    p.add_argument("--steps", type=int, default=100, help="router training steps")
+    p.add_argument("--layers", default=None, help="routed layers, comma-separated (default all)")
+    p.add_argument("--train-batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--beta", type=float, default=0.01, help="load-balancing loss weight")
+    p.add_argument("--fractions", default="0.9,0.75,0.5", help="active head fractions to evaluate")
+    p.set_defaults(run=_run_heads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pruning_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     _add_layers(sub)
     _add_weights(sub)
+    _add_heads(sub)
     return parser
 
 
@@ -165,11 +214,13 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     """Parse ``argv`` and run its subcommand; bad input prints one clear line and returns 2."""
     from .data import DataNotFoundError
     from .models import ModelLoadError
+    from .router_training import RouterTrainingError
 
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ModelLoadError, DataNotFoundError, FileNotFoundError, ValueError, IndexError) as error:
+    except (ModelLoadError, DataNotFoundError, FileNotFoundError, ValueError, IndexError,
+            RouterTrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

