@@ -1,0 +1,98 @@
+"""The main job's smoke preset end to end: every stage, the HTML report, and resuming."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import lens_safety
+import pruning_bridge.head_study as head_study
+import pruning_bridge.head_sweep as head_sweep
+import pruning_bridge.layer_sweep as layer_sweep
+import pruning_bridge.weight_sweep as weight_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("reproduce_report",
+                                                  ROOT / "examples" / "reproduce_report.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def forbid(*_, **__):
+    raise AssertionError("finished work was recomputed")
+
+
+def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, data_dir,
+                                                                    monkeypatch):
+    job = load_job()
+    out, figures = tmp_path / "results", tmp_path / "figures"
+    argv = ["--preset", "smoke", "--data-dir", str(data_dir), "--out", str(out),
+            "--figures", str(figures)]
+
+    # 1. Interrupted in the middle of the head sweep (the 4th evaluation).
+    real, calls = head_sweep.evaluate, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(head_sweep, "evaluate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        job.main(argv)
+    sweep_file = out / "tiny-qwen3" / "heads" / "head_sweep.jsonl"
+    first_rows = jsonl(sweep_file)
+    assert len(first_rows) == 3
+    finished = {p: p.read_bytes() for p in out.rglob("*.json*")}
+
+    # 2. Resumed: nothing finished runs again; only the missing head-sweep rows are computed.
+    monkeypatch.undo()
+    resumed = []
+    monkeypatch.setattr(head_sweep, "evaluate",
+                        lambda *a, **k: resumed.append(a[2]) or real(*a, **k))
+    for module in (layer_sweep, weight_sweep):
+        monkeypatch.setattr(module, "evaluate", forbid)
+    for task in list(layer_sweep._REUSED):
+        monkeypatch.setitem(layer_sweep._REUSED, task, forbid)
+    monkeypatch.setattr(head_study, "train_router", forbid)
+    monkeypatch.setattr(job, "mmlu_accuracy", forbid)
+    monkeypatch.setattr(job, "gsm8k_accuracy", forbid)
+    monkeypatch.setattr(lens_safety, "evaluate_edit", forbid)
+    report = job.main(argv)
+
+    rows = jsonl(sweep_file)
+    # full + (routed, removed) x 3 fractions, each on MMLU and perplexity
+    assert len(rows) == 14 and rows[:3] == first_rows
+    assert len(resumed) == 11
+    assert len({json.dumps([r["method"], r["config"], r["task"]]) for r in rows}) == 14
+    for path, content in finished.items():
+        if path != sweep_file:
+            assert path.read_bytes() == content, f"{path} was rewritten"
+
+    html = report.read_text()
+    # Figures 1 and 2, four for the heads (gates, gradients, training, sweep), the probes
+    assert html.count('class="plotly-graph-div"') == 7
+    for title in ("Baseline: tiny-llama", "Figure 1: layer removal", "Figure 2: weight pruning",
+                  "Figure 3: routed heads (tiny-qwen3)", "Safety: probes"):
+        assert title in html
+    assert "src=\"http" not in html and "Provenance" in html and "total run time" in html
+    for stem in ("figure1_layer_removal", "figure2_weight_pruning", "figure3_head_importance",
+                 "figure3_head_sweep", "safety_probes"):
+        assert (figures / f"{stem}.html").exists()
+
+
+def test_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        load_job().main(["--preset", "huge"])
+    assert "invalid choice" in capsys.readouterr().err
+
