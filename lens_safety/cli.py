@@ -220,6 +220,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="python -m lens_safety", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="cache residuals, fit layer probes, extract the direction")
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
     from pruning_bridge.cli import run_command
 
     return run_command(build_parser(), argv)

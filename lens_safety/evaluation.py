@@ -59,6 +59,7 @@ class EditReport(JsonDataclass):
 
     @property
     def delta(self) -> dict[str, float]:
+        """after - before, per metric."""
         return {k: self.after[k] - self.before[k] for k in self.before if k in self.after}
 
     def to_pandas(self):

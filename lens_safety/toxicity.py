@@ -77,4 +77,5 @@ def get_scorer(name_or_callable: str | Scorer = "profanity") -> Scorer:
 
 
 def scorer_name(scorer) -> str:
+    """A scorer's name for reports (its spec string, or the callable's name)."""
     return scorer if isinstance(scorer, str) else getattr(scorer, "__name__", type(scorer).__name__)

@@ -201,6 +201,7 @@ def _add_heads(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="python -m pruning_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
@@ -226,6 +227,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
     return run_command(build_parser(), argv)
 
 

@@ -71,6 +71,7 @@ class HeadRouter(nn.Module):
         return self.n_heads - self.n_shared
 
     def forward(self, x: Tensor, top_k: int) -> Routing:
+        """Gates over all heads for inputs ``x`` (``[..., d_model]``), ``top_k`` routed on."""
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         probs = torch.softmax(x @ self.weight.T, dim=-1)
@@ -216,6 +217,7 @@ class RoutedHeads(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def settings(self) -> dict:
+        """The shape and routing settings (saved next to the weights)."""
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_shared": self.n_shared,
                 "top_k": self.top_k, "layers": self.layers}
 

@@ -15,6 +15,7 @@ from typing import Any
 
 
 def row_key(method: str, config: dict, task: str, settings: dict) -> str:
+    """A row's identity as canonical JSON (what a rerun checks before recomputing)."""
     return json.dumps([method, config, task, settings], sort_keys=True, default=str)
 
 
@@ -43,9 +44,11 @@ class ResultsLog:
                 f.truncate(good_end)
 
     def keys(self) -> set[str]:
+        """The identities of every finished row."""
         return {row_key(r["method"], r["config"], r["task"], r["settings"]) for r in self.rows}
 
     def has(self, method: str, config: dict, task: str, settings: dict) -> bool:
+        """Whether this configuration's row is already finished."""
         return row_key(method, config, task, settings) in self.keys()
 
     def append(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -40,9 +40,11 @@ class RouterTrainingLog(JsonDataclass):
 
     @property
     def seconds_per_step(self) -> float:
+        """Mean wall time of a training step."""
         return sum(s["seconds"] for s in self.steps) / max(len(self.steps), 1)
 
     def to_pandas(self):
+        """The per-step losses as a DataFrame."""
         import pandas as pd
 
         return pd.DataFrame(self.steps)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-import lens_safety
-import pruning_bridge.head_study as head_study
-import pruning_bridge.head_sweep as head_sweep
-import pruning_bridge.layer_sweep as layer_sweep
-import pruning_bridge.weight_sweep as weight_sweep
+
+# the package re-exports functions with these modules' names, so import the modules themselves
+head_study = importlib.import_module("pruning_bridge.head_study")
+head_sweep = importlib.import_module("pruning_bridge.head_sweep")
+layer_sweep = importlib.import_module("pruning_bridge.layer_sweep")
+weight_sweep = importlib.import_module("pruning_bridge.weight_sweep")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,6 @@ def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, d
     monkeypatch.setattr(head_study, "train_router", forbid)
     monkeypatch.setattr(job, "mmlu_accuracy", forbid)
     monkeypatch.setattr(job, "gsm8k_accuracy", forbid)
-    monkeypatch.setattr(lens_safety, "evaluate_edit", forbid)
     report = job.main(argv)
 
     rows = jsonl(sweep_file)

@@ -36,15 +36,18 @@ def extract_answer(text: str) -> float | None:
 
 
 def format_exemplar(problem: GSM8KProblem) -> str:
+    """A solved exemplar: question, worked solution (calculator annotations stripped)."""
     solution = _CALCULATOR.sub("", problem.solution)
     return f"Question: {problem.question}\nAnswer: {solution}\n\n"
 
 
 def gsm8k_prompt(problem: GSM8KProblem, exemplars: Sequence[GSM8KProblem] = ()) -> str:
+    """The few-shot prompt: the exemplars, then the question and "Answer:"."""
     return "".join(map(format_exemplar, exemplars)) + f"Question: {problem.question}\nAnswer:"
 
 
 def is_correct(prediction: float | None, target: float) -> bool:
+    """Whether the extracted number equals the target (relative tolerance 1e-6)."""
     return prediction is not None and abs(prediction - target) < 1e-6 * max(1.0, abs(target))
 
 

@@ -33,10 +33,12 @@ LETTERS = "ABCD"
 
 
 def format_subject(subject: str) -> str:
+    """``high_school_physics`` -> ``high school physics`` (as in the MMLU prompt)."""
     return subject.replace("_", " ")
 
 
 def format_question(q: MMLUQuestion, with_answer: bool) -> str:
+    """The question, its lettered choices and "Answer:" (with the letter for exemplars)."""
     lines = [q.question, *(f"{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices))]
     answer = f"Answer: {LETTERS[q.answer]}\n\n" if with_answer else "Answer:"
     return "\n".join(lines) + "\n" + answer
@@ -102,6 +104,7 @@ def mmlu_result(questions: Sequence[MMLUQuestion], scores: torch.Tensor,
 
 
 def context_length(model) -> int | None:
+    """The model's maximum context in tokens, if its config says."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 

@@ -12,6 +12,7 @@ class JsonDataclass:
     """``to_dict`` / ``to_json`` / ``from_json`` for a dataclass of JSON-friendly fields."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
         return asdict(self)
 
     def to_json(self, path: str | Path) -> Path:
@@ -25,6 +26,7 @@ class JsonDataclass:
 
     @classmethod
     def from_json(cls, path: str | Path):
+        """Read an instance written by ``to_json``."""
         return cls(**json.loads(Path(path).read_text()))
 
 
