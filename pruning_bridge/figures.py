@@ -74,38 +74,44 @@ def layer_removal_figure(rows: Sequence[dict], title: str = "Removing one layer"
     return fig
 
 
+def _lines_per_task(rows: Sequence[dict], series: dict[str, str], x_of, reference: dict,
+                    x_title: str, hover: str, title: str) -> go.Figure:
+    """One panel per task: a line per series (method -> colour) of ``x_of(row)`` against the
+    metric, and the ``reference`` value per task (the unpruned model) dashed."""
+    tasks = _tasks(rows)
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[TASK_TITLES[t] for t in tasks])
+    for k, task in enumerate(tasks, start=1):
+        for method, color in series.items():
+            pts = sorted((x_of(r), r["value"]) for r in rows
+                         if r["task"] == task and r["method"] == method)
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
+                                     mode="lines+markers", name=method, line_color=color,
+                                     legendgroup=method, showlegend=k == 1,
+                                     hovertemplate=f"{method}<br>%{{x:.0f}}% {hover}<br>"
+                                                   "%{y:.4g}<extra></extra>"),
+                          row=1, col=k)
+        if task in reference:
+            fig.add_hline(y=reference[task], line_dash="dash", line_color="black", row=1, col=k)
+        fig.update_xaxes(title_text=x_title, row=1, col=k)
+        if task == "perplexity":
+            fig.update_yaxes(type="log", row=1, col=k)
+    fig.update_layout(title=title, template="plotly_white", height=450)
+    return fig
+
+
 def weight_pruning_figure(rows: Sequence[dict], title: str = "Weight pruning") -> go.Figure:
     """Figure 2: each task's metric against sparsity, one line per pruning method.
 
     The dense model (sparsity 0) starts every line and is drawn as a dashed reference.
     """
     rows = [r for r in rows if r["method"] != "layer_removal"]
-    tasks = _tasks(rows)
-    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[TASK_TITLES[t] for t in tasks])
-    dense = {r["task"]: r["value"] for r in rows if r["method"] == "dense"}
-    rows = [r for r in rows if r["method"] != "dense"]
-    methods = sorted({r["method"] for r in rows})
+    dense = [r for r in rows if r["method"] == "dense"]
+    methods = sorted({r["method"] for r in rows} - {"dense"})
     colors = dict(zip(methods, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")))
-    for k, task in enumerate(tasks, start=1):
-        for method in methods:
-            pts = sorted((r["config"]["sparsity"], r["value"]) for r in rows
-                         if r["task"] == task and r["method"] == method)
-            if task in dense:
-                pts = [(0.0, dense[task])] + pts
-            fig.add_trace(go.Scatter(x=[100 * p[0] for p in pts], y=[p[1] for p in pts],
-                                     mode="lines+markers", name=method,
-                                     line_color=colors[method], legendgroup=method,
-                                     showlegend=k == 1,
-                                     hovertemplate=f"{method}<br>%{{x:.0f}}% zero<br>"
-                                                   "%{y:.4g}<extra></extra>"),
-                          row=1, col=k)
-        if task in dense:
-            fig.add_hline(y=dense[task], line_dash="dash", line_color="black", row=1, col=k)
-        fig.update_xaxes(title_text="sparsity (%)", row=1, col=k)
-        if task == "perplexity":
-            fig.update_yaxes(type="log", row=1, col=k)
-    fig.update_layout(title=title, template="plotly_white", height=450)
-    return fig
+    starts = [{**r, "method": m} for r in dense for m in methods]  # every line starts dense
+    return _lines_per_task(starts + [r for r in rows if r["method"] != "dense"], colors,
+                           lambda r: 100 * r["config"]["sparsity"],
+                           {r["task"]: r["value"] for r in dense}, "sparsity (%)", "zero", title)
 
 
 def head_importance_figure(importance, title: str = "Head importance (mean router gate)",
@@ -148,24 +154,7 @@ def head_pruning_figure(rows: Sequence[dict], title: str = "Routed vs removed he
 
     The full model (100 % active) is drawn as a dashed reference.
     """
-    tasks = _tasks(rows)
-    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[TASK_TITLES[t] for t in tasks])
-    full = {r["task"]: r["value"] for r in rows if r["method"] == "full"}
-    colors = {"routed": "#1f77b4", "removed": "#d62728"}
-    for k, task in enumerate(tasks, start=1):
-        for method, color in colors.items():
-            pts = sorted((r["config"]["active_fraction"], r["value"]) for r in rows
-                         if r["task"] == task and r["method"] == method)
-            fig.add_trace(go.Scatter(x=[100 * p[0] for p in pts], y=[p[1] for p in pts],
-                                     mode="lines+markers", name=method, line_color=color,
-                                     legendgroup=method, showlegend=k == 1,
-                                     hovertemplate=f"{method}<br>%{{x:.0f}}% heads active<br>"
-                                                   "%{y:.4g}<extra></extra>"),
-                          row=1, col=k)
-        if task in full:
-            fig.add_hline(y=full[task], line_dash="dash", line_color="black", row=1, col=k)
-        fig.update_xaxes(title_text="active heads (%)", row=1, col=k)
-        if task == "perplexity":
-            fig.update_yaxes(type="log", row=1, col=k)
-    fig.update_layout(title=title, template="plotly_white", height=450)
-    return fig
+    return _lines_per_task(rows, {"routed": "#1f77b4", "removed": "#d62728"},
+                           lambda r: 100 * r["config"]["active_fraction"],
+                           {r["task"]: r["value"] for r in rows if r["method"] == "full"},
+                           "active heads (%)", "heads active", title)

@@ -261,3 +261,21 @@ def test_gradient_importance_matches_a_plain_pytorch_head_mask(tiny, windows):
     normalized = gradient_head_importance(model, tok, batch, progress=False)
     assert torch.allclose(normalized.norm(dim=1), torch.ones(4), atol=1e-5)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_head_figures():
+    from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
+                                        router_loss_figure)
+
+    gates = torch.rand(5, 4)
+    fig = head_importance_figure(gates, n_shared=1)
+    assert torch.allclose(torch.tensor(fig.data[0].z, dtype=torch.float32), gates)
+    rows = [{"method": "full", "config": {"active_fraction": 1.0}, "task": "perplexity",
+             "value": 20.0}]
+    rows += [{"method": m, "config": {"active_fraction": f}, "task": "perplexity", "value": v}
+             for m in ("routed", "removed") for f, v in ((0.75, 22.0), (0.5, 30.0))]
+    fig = head_pruning_figure(rows)
+    assert [t.name for t in fig.data] == ["routed", "removed"]
+    assert list(fig.data[0].x) == [50.0, 75.0]
+    steps = [{"step": i, "lm_loss": 3 - i / 10, "balance_loss": 2.0} for i in range(5)]
+    assert list(router_loss_figure(steps).data[0].y) == [s["lm_loss"] for s in steps]
