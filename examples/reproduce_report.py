@@ -36,9 +36,9 @@ SMOL = "smollm2-135m"
 PRESETS = {  # sizes: ~15 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
     "default": dict(compress_model=SMOL, head_models=[SMOL], safety_model=SMOL,
                     mmlu=451, gsm8k=16, gsm8k_tokens=192, windows=8, window=1024,
-                    layer_tasks="perplexity", weight_tasks="mmlu,perplexity", sweep_mmlu=57,
-                    sweep_windows=4, sweep_window=512, head_steps=40, head_batch=4,
-                    head_seq_len=128, head_tasks="mmlu,perplexity", safety_per_class=None,
+                    layer_tasks="perplexity", weight_tasks="perplexity", sweep_mmlu=57,
+                    sweep_windows=4, sweep_window=512, head_steps=30, head_batch=4,
+                    head_seq_len=128, head_tasks="perplexity", safety_per_class=None,
                     safety_prompts=32),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
                   safety_model="tiny-gpt2", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2,
@@ -195,7 +195,8 @@ def heads(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[S
         study = run_head_study(
             model, tokenizer, folder(out, name) / "heads", steps=p["head_steps"],
             batch_size=p["head_batch"], seq_len=p["head_seq_len"], tasks=p["head_tasks"],
-            data_dir=data_dir, limit=p["sweep_mmlu"], window=p["sweep_window"],
+            data_dir=data_dir, window=p["sweep_window"],
+            limit={"mmlu": p["sweep_mmlu"], "gsm8k": p["gsm8k"], "perplexity": p["sweep_windows"]},
             max_new_tokens=p["gsm8k_tokens"])
         stem = "figure3" if name == p["head_models"][0] else f"figure3_{name.split('/')[-1]}"
         figs = [head_importance_figure(study.mean_gates, f"{name}: mean router gate per head",
@@ -219,14 +220,16 @@ def heads(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[S
                   f"{row['value']:.4f}")
         sections.append(Section(
             f"Figure 3: routed heads ({name})",
-            f"A router per layer (MoH style: {study.router.n_shared} shared head(s), top-"
-            f"{study.router.top_k} of the routed ones per token, gates renormalised and scaled "
-            f"by k) was trained for {len(log.steps)} steps on WikiText-2 validation text with "
-            f"the model frozen ({log.seconds_per_step:.2f} s per step; LM loss "
-            f"{log.steps[0]['lm_loss']:.3f} -> {log.steps[-1]['lm_loss']:.3f}). The heatmap is "
-            f"each head's mean gate on held-out text (Figure 3); next to it the static head-mask "
-            f"gradient importance. The sweep compares routing per token with physically "
-            f"removing the heads of lowest mean gate, at the same fraction of active heads. "
+            f"A router per layer (MoH style: {study.router.n_shared} shared head(s), top-k of "
+            f"the routed ones per token, gates renormalised and scaled by k) was trained with "
+            f"the model frozen for each fraction of active heads (top-k "
+            f"{sorted({r.top_k for r in study.routers.values()})}), {len(log.steps)} steps each "
+            f"on WikiText-2 validation text ({log.seconds_per_step:.2f} s per step). The heatmap "
+            f"is each head's mean gate on held-out text under the top-{study.router.top_k} "
+            f"router (LM loss {log.steps[0]['lm_loss']:.3f} -> {log.steps[-1]['lm_loss']:.3f}) "
+            f"(Figure 3); next to it the static head-mask gradient importance. The sweep "
+            f"compares routing per token with physically removing the heads of lowest mean "
+            f"gate, at the same fraction of active heads. "
             f"Layers where the router is most selective (gate spread): "
             f"{', '.join(f'{layer} ({spread:.2f})' for layer, spread in ranking[:5])}.",
             figures=figs, tables=[("routed vs removed heads", table),

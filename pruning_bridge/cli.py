@@ -189,8 +189,9 @@ def _add_heads(sub) -> None:
                                                "rerun to resume)")
     p.add_argument("--shared", type=int, default=1, help="always-on heads per layer")
     p.add_argument("--top-k", type=int, default=None,
-                   help="routed heads per token while training (default half of them)")
-    p.add_argument("--steps", type=int, default=100, help="router training steps")
+                   help="top-k of the router whose mean gates rank the heads (Figure 3); "
+                        "default: the most selective of the fractions' routers")
+    p.add_argument("--steps", type=int, default=100, help="training steps of each router")
     p.add_argument("--layers", default=None, help="routed layers, comma-separated (default all)")
     p.add_argument("--train-batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)

@@ -53,9 +53,13 @@ class Routing:
 
 
 class HeadRouter(nn.Module):
-    """The router of one attention layer: ``W_r x`` over its routed heads (always fp32)."""
+    """The router of one attention layer: ``W_r x`` over its routed heads (always fp32).
 
-    def __init__(self, d_model: int, n_heads: int, n_shared: int, init_std: float = 0.02,
+    The small initialisation starts training from near-uniform probabilities: every gate close
+    to 1 and a random choice of heads per token.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_shared: int, init_std: float = 1e-3,
                  generator: torch.Generator | None = None):
         super().__init__()
         if not 0 <= n_shared < n_heads:

@@ -1,9 +1,10 @@
 """The routed-heads study end to end (the report's Figure 3), resumable in one output folder.
 
-1. train a router on WikiText-2 validation paragraphs (``router/``: weights, loss curve);
-2. head importance on held-out paragraphs: mean gates and head-mask gradients
-   (``importance.json``);
-3. evaluate routed and removed heads at each active fraction (``head_sweep.jsonl``).
+1. train a router per active-head fraction on WikiText-2 validation paragraphs
+   (``router_k{k}/``: weights, loss curve, checkpoints);
+2. head importance on held-out paragraphs: the mean gates of the most selective router (the
+   report's Figure 3) and head-mask gradients (``importance.json``);
+3. evaluate routed and removed heads at each fraction (``head_sweep.jsonl``).
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ from torch import Tensor, tensor
 from .bridge import HookBridge
 from .head_importance import gradient_head_importance, mean_gate_importance
 from .head_routing import RoutedHeads
-from .head_sweep import REPORT_FRACTIONS, head_sweep
+from .head_sweep import REPORT_FRACTIONS, fingerprint, head_sweep
 from .router_training import RouterTrainingLog, train_router, training_windows
 from .weight_sweep import calibration_texts
 
 
 @dataclass
 class HeadStudy:
-    """What the study produced; ``kept_layers`` ranks layers by the router's mean routed gate."""
+    """What the study produced. ``router``/``log``: the Figure 3 router and its training log;
+    ``routers``: the router of each active fraction."""
 
     router: RoutedHeads
     log: RouterTrainingLog
+    routers: dict[float, RoutedHeads]
     mean_gates: Tensor
     gradient_importance: Tensor
     rows: list[dict]
@@ -58,10 +61,15 @@ def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
                    steps: int = 100, batch_size: int = 4, seq_len: int = 256, lr: float = 1e-2,
                    beta: float = 0.01, importance_windows: int = 16,
                    fractions: Sequence[float] = REPORT_FRACTIONS, tasks=("mmlu", "perplexity"),
-                   data_dir=None, limit: int | None = None, window: int | None = None,
+                   data_dir=None, limit: int | dict[str, int | None] | None = None,
+                   window: int | None = None,
                    shots: int | None = None, max_new_tokens: int = 256, eval_batch_size: int = 8,
                    seed: int = 0, progress: bool = True) -> HeadStudy:
-    """Train, rank and evaluate; every stage reuses what ``out`` already holds."""
+    """Train, rank and evaluate; every stage reuses what ``out`` already holds.
+
+    ``top_k`` picks the router whose mean gates rank the heads (default: the smallest of the
+    fractions' top-k, the most selective); each fraction is evaluated with its own router.
+    """
     start = time.perf_counter()
     out = Path(out)
     bridge = HookBridge(model, tokenizer)
@@ -70,28 +78,38 @@ def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
     train_ids = training_windows(tokenizer, train_texts, seq_len)
     eval_ids = training_windows(tokenizer, eval_texts, seq_len)[:importance_windows]
 
-    router_dir = out / "router"
-    if (router_dir / "training_log.json").exists():
-        router = RoutedHeads.load(router_dir, bridge)
-        log = RouterTrainingLog.from_json(router_dir / "training_log.json")
-    else:
-        router, log = train_router(bridge, tokenizer, train_ids, n_shared=n_shared, top_k=top_k,
-                                   layers=layers, steps=steps, batch_size=batch_size, lr=lr,
-                                   beta=beta, seed=seed, out=router_dir, progress=progress)
+    probe = RoutedHeads(bridge, n_shared, layers=layers)  # for the fractions' top-k only
+    ks = {fraction: probe.top_k_for(fraction) for fraction in fractions}
+    figure_k = top_k if top_k is not None else min(ks.values())
+    routers, logs = {}, {}
+    for k in sorted({*ks.values(), figure_k}):
+        router_dir = out / f"router_k{k}"
+        if (router_dir / "training_log.json").exists():
+            routers[k] = RoutedHeads.load(router_dir, bridge)
+            logs[k] = RouterTrainingLog.from_json(router_dir / "training_log.json")
+        else:
+            routers[k], logs[k] = train_router(
+                bridge, tokenizer, train_ids, n_shared=n_shared, top_k=k, layers=layers,
+                steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed,
+                out=router_dir, progress=progress)
+    router = routers[figure_k]
 
     importance_path = out / "importance.json"
-    if importance_path.exists():
-        saved = json.loads(importance_path.read_text())
+    saved = json.loads(importance_path.read_text()) if importance_path.exists() else {}
+    if saved.get("router") == fingerprint(router):
         gates, gradients = tensor(saved["mean_gates"]), tensor(saved["gradient"])
     else:
         gates = mean_gate_importance(router, bridge, eval_ids, progress=progress)
         gradients = gradient_head_importance(bridge, tokenizer, eval_ids, progress=progress)
-        importance_path.write_text(json.dumps({"mean_gates": gates.tolist(),
+        importance_path.write_text(json.dumps({"router": fingerprint(router),
+                                               "mean_gates": gates.tolist(),
                                                "gradient": gradients.tolist(),
                                                "windows": len(eval_ids), "seq_len": seq_len}))
 
-    rows = head_sweep(model, tokenizer, router, gates, fractions, tasks,
-                      out=out / "head_sweep.jsonl", data_dir=data_dir, limit=limit, window=window,
-                      shots=shots, seed=seed, max_new_tokens=max_new_tokens,
-                      batch_size=eval_batch_size, progress=progress)
-    return HeadStudy(router, log, gates, gradients, rows, time.perf_counter() - start)
+    by_fraction = {f: routers[k] for f, k in ks.items()}
+    rows = head_sweep(model, tokenizer, by_fraction, gates, tasks, out=out / "head_sweep.jsonl",
+                      data_dir=data_dir, limit=limit, window=window, shots=shots, seed=seed,
+                      max_new_tokens=max_new_tokens, batch_size=eval_batch_size,
+                      progress=progress)
+    return HeadStudy(router, logs[figure_k], by_fraction, gates, gradients, rows,
+                     time.perf_counter() - start)

@@ -223,3 +223,22 @@ def test_heads_to_remove_errors():
         heads_to_remove(importance, 0.5, kv_groups=3)
     with pytest.raises(ValueError, match="n_layers, n_heads"):
         heads_to_remove(torch.ones(4), 0.5)
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
+def test_bridge_on_a_model_with_uneven_heads(tiny, arch):
+    """The bridge reads head counts from the tensors, so per-layer layouts work through it."""
+    from pruning_bridge.bridge import HookBridge
+
+    model, tok = tiny(arch)
+    pruned = remove_heads(copy.deepcopy(model), {0: [1], 2: [0, 3]})
+    bridge = HookBridge(pruned, tok)
+    ids = torch.randint(0, 50000, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits, cache = bridge.run_with_cache(ids, names=["blocks.0.attn.hook_z",
+                                                      "blocks.1.attn.hook_z",
+                                                      "blocks.2.attn.hook_q"])
+    assert cache["blocks.0.attn.hook_z"].shape[2] == 3
+    assert cache["blocks.1.attn.hook_z"].shape[2] == 4
+    assert cache["blocks.2.attn.hook_q"].shape[2] == 2
+    with torch.no_grad():
+        assert torch.allclose(logits, pruned(ids).logits, atol=1e-5)
