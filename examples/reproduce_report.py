@@ -37,7 +37,7 @@ PRESETS = {  # sizes: ~15 min on 2 CPU cores (default), seconds (smoke), the rep
     "default": dict(compress_model=SMOL, head_models=[SMOL], safety_model=SMOL,
                     mmlu=451, gsm8k=16, gsm8k_tokens=192, windows=8, window=1024,
                     layer_tasks="perplexity", weight_tasks="perplexity", sweep_mmlu=57,
-                    sweep_windows=4, sweep_window=512, head_steps=30, head_batch=4,
+                    sweep_windows=4, sweep_window=512, head_steps=40, head_batch=4,
                     head_seq_len=128, head_tasks="perplexity", safety_per_class=None,
                     safety_prompts=32),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],

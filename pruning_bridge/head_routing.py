@@ -6,8 +6,9 @@
     loss = lm_loss + 0.01 * router.balance_loss()   # the routers are nn.Modules: train them
 
 In each routed layer the first ``n_shared`` heads are always on (gate 1); the router ``W_r``
-scores the other E heads from the layer's input (``hook_resid_pre``, RMS-normalised in fp32, so
-the scores stay finite when the model runs in bf16/fp16 or has massive activations), softmax,
+scores the other E heads from the layer's input (``hook_resid_pre`` scaled to unit length in
+fp32, so the scores stay finite when the model runs in bf16/fp16 or has massive activations,
+and an optimizer step moves them by about the same amount whatever the width), softmax,
 top-k, and the selected probabilities are renormalised and scaled by k as in MoH, so gates
 average 1 and a uniform router with every head selected is the original model. Gates multiply
 ``blocks.{L}.attn.hook_z`` (each head's output before the output projection), through the bridge.
@@ -76,8 +77,7 @@ class HeadRouter(nn.Module):
 
     def forward(self, x: Tensor, top_k: int) -> Routing:
         """Gates over all heads for inputs ``x`` (``[..., d_model]``), ``top_k`` routed on."""
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-6)
         probs = torch.softmax(x @ self.weight.T, dim=-1)
         top = probs.topk(top_k, dim=-1).indices
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)

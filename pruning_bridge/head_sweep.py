@@ -23,7 +23,7 @@ import torch
 from .bridge import HookBridge
 from .head_removal import heads_to_remove, remove_heads
 from .head_routing import RoutedHeads
-from .results import ResultsLog
+from .results import ResultsLog, row_key
 from .tasks import METRICS, evaluate, parse_tasks, task_settings
 
 REPORT_FRACTIONS = (0.9, 0.75, 0.5)  # active heads
@@ -92,4 +92,7 @@ def head_sweep(model, tokenizer, routers: Mapping[float, RoutedHeads], importanc
                         "metric": METRICS[task], "value": value, "settings": settings[task],
                         "seconds": round(time.perf_counter() - start, 3)})
         del pruned
-    return list(log.rows)
+    wanted = {row_key(method, config, task, settings[task])
+              for method, config, _ in configs for task in tasks}
+    return [r for r in log.rows
+            if row_key(r["method"], r["config"], r["task"], r["settings"]) in wanted]
