@@ -239,7 +239,8 @@ def heads(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[S
 
 def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
     """Probes per layer, the harmful direction, and projection ablation evaluated."""
-    from lens_safety import PromptSet, evaluate_edit, run_probe_study
+    from lens_safety import PromptSet, cache_residuals, evaluate_edit, run_probe_study
+    from lens_safety.figures import projection_histogram
     from pruning_bridge.bridge import HookBridge
 
     name = p["safety_model"]
@@ -254,10 +255,16 @@ def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
                                            study["cv_three_class"])]
     fig = study["probes"].figure(f"{name}: probe per layer")
     save_figure(fig, figures / "safety_probes")
+    prompts = PromptSet.load(data_dir, n_per_class=p["safety_per_class"], seed=0)
+    _, test = prompts.split(test_size=0.25, seed=0)
+    test_acts = cache_residuals(bridge, tokenizer, test.texts, hook="resid_post", pool="last",
+                                store=out / "acts_test_resid_post_last.safetensors")  # cached
+    histogram = projection_histogram(
+        test_acts[study["best_layer"]], test.labels, study["direction"],
+        f"{name}: held-out prompts on the harmful direction (layer {study['best_layer']})")
+    save_figure(histogram, figures / "safety_projection_histogram")
     report_path = out / "edit_project.json"
     if not report_path.exists():
-        prompts = PromptSet.load(data_dir, n_per_class=p["safety_per_class"], seed=0)
-        _, test = prompts.split(test_size=0.25, seed=0)
         n = p["safety_prompts"]
         report = evaluate_edit(bridge, tokenizer, study["direction"],
                                toxic_prompts=[x.text for x in test if x.label == "toxic"][:n],
@@ -282,7 +289,7 @@ def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
         f"{study['best_layer']}) separates held-out prompts with AUROC "
         f"{study['held_out_projection_auroc']:.3f}. Projecting it out of the residual stream at "
         f"every layer changes toxicity, perplexity and the probe's harmful score as tabled.",
-        figures=[fig], tables=[("probe per layer", probe_table),
+        figures=[fig, histogram], tables=[("probe per layer", probe_table),
                                ("projection ablation, before vs after", edit_table)])]
 
 
