@@ -300,7 +300,9 @@ def main(argv=None) -> Path:
     parser.add_argument("--model", default=None, help="use this model for every stage")
     parser.add_argument("--data-dir", default=None, help="local data (default: the hub)")
     parser.add_argument("--out", default="results", help="results folder (resumable)")
-    parser.add_argument("--figures", default="figures", help="figures and report.html folder")
+    parser.add_argument("--figures", default=None,
+                        help="figures and report.html folder (default: figures/ for the default "
+                             "preset, figures/<preset>/ for the others)")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     parser.add_argument("--device", default=None,
                         help="cpu (default), cuda, cuda:1, or auto (spread over all GPUs)")
@@ -309,7 +311,9 @@ def main(argv=None) -> Path:
     p = dict(PRESETS[args.preset])
     if args.model:
         p.update(compress_model=args.model, head_models=[args.model], safety_model=args.model)
-    out, figures = Path(args.out), Path(args.figures)
+    out = Path(args.out)
+    figures = Path(args.figures or ("figures" if args.preset == "default"
+                                    else f"figures/{args.preset}"))
     start = time.perf_counter()
     models = Models(args.dtype, args.device)
     sections, timings = [], {}

@@ -31,7 +31,8 @@ print(f"perplexity (4 x 256 tokens): {ppl(model):.2f}")
 # %% The bridge: TransformerLens hook names on the Hugging Face model, through nnsight
 bridge = HookBridge(model, tok)
 logits, cache = bridge.run_with_cache("The cat sat on the", names=lambda n: "resid_post" in n)
-print("cached:", len(cache), "tensors; layer 3 residual", tuple(cache["blocks.3.hook_resid_post"].shape))
+print(f"cached {len(cache)} tensors; layer 3 residual "
+      f"{tuple(cache['blocks.3.hook_resid_post'].shape)}")
 with bridge.hooks([("blocks.3.attn.hook_z", lambda z, name: z * 0)]):  # silence layer 3's heads
     print("layer 3 attention off ->", bridge.generate("The capital of France is", 8))
 

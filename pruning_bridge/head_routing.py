@@ -46,7 +46,8 @@ def load_balancing_loss(router_probs: Tensor, topk_mask: Tensor) -> Tensor:
 
 @dataclass
 class Routing:
-    """One layer's routing of a batch: gates over all heads, and the router's view of routed ones."""
+    """One layer's routing of a batch: gates over all heads, and the router's view of the
+    routed ones (its probabilities and top-k mask)."""
 
     gates: Tensor  # [..., n_heads], fp32
     probs: Tensor  # [..., n_routed]
@@ -77,7 +78,8 @@ class HeadRouter(nn.Module):
 
     def forward(self, x: Tensor, top_k: int) -> Routing:
         """Gates over all heads for inputs ``x`` (``[..., d_model]``), ``top_k`` routed on."""
-        x = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-6)
+        x = torch.nn.functional.normalize(x.to(self.weight.device, torch.float32), dim=-1,
+                                          eps=1e-6)  # layers may sit on other GPUs
         probs = torch.softmax(x @ self.weight.T, dim=-1)
         top = probs.topk(top_k, dim=-1).indices
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
@@ -151,7 +153,7 @@ class RoutedHeads(nn.Module):
         return (routed * per_routed + (self.n_layers - routed)) / self.n_layers
 
     def top_k_for(self, fraction: float) -> int:
-        """The ``top_k`` whose active head fraction (in the routed layers) is nearest ``fraction``."""
+        """The ``top_k`` whose active head fraction (in routed layers) is nearest ``fraction``."""
         k = round(fraction * self.n_heads) - self.n_shared
         return min(max(k, 1), self.n_routed)
 
@@ -178,7 +180,8 @@ class RoutedHeads(nn.Module):
                 gates = self.last[layer].gates.to(z.device)
                 return z.float() * gates.unsqueeze(-1)  # the bridge casts back to z's dtype
 
-            hooks += [(f"blocks.{layer}.hook_resid_pre", read), (f"blocks.{layer}.attn.hook_z", gate)]
+            hooks += [(f"blocks.{layer}.hook_resid_pre", read),
+                      (f"blocks.{layer}.attn.hook_z", gate)]
         return hooks
 
     @contextmanager

@@ -82,3 +82,15 @@ def test_smollm2_conversion_matches_the_gguf(smollm2):
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_device_auto_loads_a_local_checkpoint_with_device_map(tiny, tmp_path):
+    """``device="auto"`` goes through ``device_map="auto"`` (CPU here) and changes nothing."""
+    model, tok = tiny("tiny-qwen3")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, _ = load_model(tmp_path, device="auto")
+    assert getattr(loaded, "hf_device_map", None) is not None
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
