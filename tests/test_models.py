@@ -84,13 +84,19 @@ def test_smollm2_conversion_matches_the_gguf(smollm2):
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
-def test_device_auto_loads_a_local_checkpoint_with_device_map(tiny, tmp_path):
-    """``device="auto"`` goes through ``device_map="auto"`` (CPU here) and changes nothing."""
+def test_device_auto_loads_a_local_checkpoint_with_device_map(tiny, tmp_path, monkeypatch):
+    """``device="auto"`` asks transformers for ``device_map="auto"`` (all on CPU here)."""
+    import pruning_bridge.models as models
+
     model, tok = tiny("tiny-qwen3")
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
+    seen = []
+    real = models.load_head_pruned
+    monkeypatch.setattr(models, "load_head_pruned",
+                        lambda path, **kw: seen.append(kw.get("device_map")) or real(path, **kw))
     loaded, _ = load_model(tmp_path, device="auto")
-    assert getattr(loaded, "hf_device_map", None) is not None
+    assert seen == ["auto"]
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
