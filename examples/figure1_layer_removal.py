@@ -13,10 +13,10 @@ figures/figure1_layer_removal.{html,png}.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from common import figure_parser, results_dir
 from pruning_bridge.data import load_wikitext2
 from pruning_bridge.figures import layer_removal_figure, save_figure
 from pruning_bridge.layer_sweep import layer_sweep, rank_correlation
@@ -25,20 +25,8 @@ from pruning_bridge.models import load_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", default="mmlu,perplexity")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="MMLU questions / GSM8K problems / perplexity windows per task")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--results", default="results")
-    parser.add_argument("--figures", default="figures")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args()
-    out_dir = Path(args.results) / args.model.replace("/", "--")
+    args = figure_parser(__doc__).parse_args()
+    out_dir = results_dir(args)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     rows = layer_sweep(model, tok, args.tasks, out=out_dir / "layer_sweep.jsonl",
                        data_dir=args.data_dir, limit=args.limit, window=args.window)

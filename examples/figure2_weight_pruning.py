@@ -10,9 +10,9 @@ figures/figure2_weight_pruning.{html,png}. Also prints the sparsity at which per
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from common import figure_parser, results_dir
 from pruning_bridge.figures import save_figure, weight_pruning_figure
 from pruning_bridge.models import load_model
 from pruning_bridge.weight_sweep import REPORT_SPARSITIES, weight_sweep
@@ -27,26 +27,15 @@ def doubling_sparsity(rows: list[dict], method: str) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", default="mmlu,perplexity")
+    parser = figure_parser(__doc__)
     parser.add_argument("--sparsities", default=",".join(map(str, REPORT_SPARSITIES)))
     parser.add_argument("--methods", default="magnitude,wanda")
     parser.add_argument("--scope", default="per_matrix", choices=["per_matrix", "global"])
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--results", default="results")
-    parser.add_argument("--figures", default="figures")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default=None)
     args = parser.parse_args()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     methods = args.methods.split(",")
     rows = weight_sweep(model, tok, args.tasks, [float(s) for s in args.sparsities.split(",")],
-                        methods, out=Path(args.results) / args.model.replace("/", "--")
-                        / "weight_sweep.jsonl", scope=args.scope, data_dir=args.data_dir,
+                        methods, out=results_dir(args) / "weight_sweep.jsonl", scope=args.scope, data_dir=args.data_dir,
                         limit=args.limit, window=args.window)
     for row in rows:
         print(f"{row['method']:<10} {row['config']['sparsity']:>5.2f} {row['task']:<11} "

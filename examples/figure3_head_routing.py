@@ -13,11 +13,11 @@ figures/figure3_*.{html,png}.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from scipy.stats import spearmanr
 
+from common import figure_parser, results_dir
 from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
                                     router_loss_figure, save_figure)
 from pruning_bridge.head_study import run_head_study
@@ -25,24 +25,14 @@ from pruning_bridge.models import load_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = figure_parser(__doc__)
     parser.add_argument("--shared", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--tasks", default="mmlu,perplexity")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--results", default="results")
-    parser.add_argument("--figures", default="figures")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default=None)
     args = parser.parse_args()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    out = Path(args.results) / args.model.replace("/", "--") / "heads"
+    out = results_dir(args) / "heads"
     study = run_head_study(model, tok, out, n_shared=args.shared, top_k=args.top_k,
                            steps=args.steps, seq_len=args.seq_len, tasks=args.tasks,
                            data_dir=args.data_dir, limit=args.limit, window=args.window)
