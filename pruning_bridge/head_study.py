@@ -70,6 +70,9 @@ def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
     ``top_k`` picks the router whose mean gates rank the heads (default: the smallest of the
     fractions' top-k, the most selective); each fraction is evaluated with its own router.
     """
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"Active head fractions must be in (0, 1], got {bad}.")
     start = time.perf_counter()
     out = Path(out)
     bridge = HookBridge(model, tokenizer)

@@ -279,3 +279,21 @@ def test_head_figures():
     assert list(fig.data[0].x) == [50.0, 75.0]
     steps = [{"step": i, "lm_loss": 3 - i / 10, "balance_loss": 2.0} for i in range(5)]
     assert list(router_loss_figure(steps).data[0].y) == [s["lm_loss"] for s in steps]
+
+
+def test_heads_cli_end_to_end(data_dir, tmp_path, capsys):
+    from pruning_bridge.cli import main
+
+    out = tmp_path / "heads"
+    argv = ["heads", "--model", "tiny-qwen3", "--steps", "2", "--seq-len", "32",
+            "--tasks", "perplexity", "--limit", "1", "--window", "64",
+            "--fractions", "0.75,0.5", "--data-dir", str(data_dir), "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.glob("router_k*")) == ["router_k1", "router_k2"]
+    rows = [line for line in (out / "head_sweep.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 5  # full, then routed and removed at each fraction
+    assert (out / "figure3_head_importance.html").exists()
+    assert "most selective" in capsys.readouterr().out
+    assert main([*argv[:-6], "--fractions", "0.9,1.5", "--data-dir", str(data_dir),
+                 "--out", str(out)]) == 2
+    assert "fractions must be in (0, 1]" in capsys.readouterr().err
