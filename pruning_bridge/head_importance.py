@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .bridge import HookBridge
-from .head_routing import RoutedHeads, _dims
+from .head_routing import RoutedHeads, attention_dims
 from .router_training import frozen, lm_loss
 
 
@@ -39,7 +39,7 @@ def gradient_head_importance(model, tokenizer, windows: Tensor, batch_size: int 
     """
     bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
     n_layers = bridge.config.num_hidden_layers
-    _, n_heads = _dims(bridge.config)
+    _, n_heads = attention_dims(bridge.config)
     mask = torch.ones(n_layers, n_heads, device=bridge.device, requires_grad=True)
     hooks = [(f"blocks.{layer}.attn.hook_z",
               lambda z, name, layer=layer: z.float() * mask[layer][:, None])

@@ -89,7 +89,15 @@ class HeadRouter(nn.Module):
         return Routing(torch.cat([shared, routed], -1), probs, mask)
 
 
-def _dims(config) -> tuple[int, int]:
+def top_k_for(fraction: float, n_heads: int, n_shared: int) -> int:
+    """The ``top_k`` (routed heads per token) whose active fraction ``(n_shared + k) / n_heads``
+    is nearest ``fraction``, kept within ``[1, n_heads - n_shared]``."""
+    k = round(fraction * n_heads) - n_shared
+    return min(max(k, 1), n_heads - n_shared)
+
+
+def attention_dims(config) -> tuple[int, int]:
+    """``(d_model, n_heads)`` from a Llama/Qwen or GPT-2 config."""
     d_model = getattr(config, "hidden_size", None) or config.n_embd
     n_heads = getattr(config, "num_attention_heads", None) or config.n_head
     return d_model, n_heads
@@ -107,7 +115,7 @@ class RoutedHeads(nn.Module):
                  layers: Sequence[int] | None = None, seed: int = 0):
         super().__init__()
         config = model_or_bridge.config
-        d_model, n_heads = _dims(config)
+        d_model, n_heads = attention_dims(config)
         n_layers = config.num_hidden_layers
         layers = list(range(n_layers)) if layers is None else sorted({int(i) for i in layers})
         if not layers or not all(0 <= i < n_layers for i in layers):
@@ -154,8 +162,7 @@ class RoutedHeads(nn.Module):
 
     def top_k_for(self, fraction: float) -> int:
         """The ``top_k`` whose active head fraction (in routed layers) is nearest ``fraction``."""
-        k = round(fraction * self.n_heads) - self.n_shared
-        return min(max(k, 1), self.n_routed)
+        return top_k_for(fraction, self.n_heads, self.n_shared)
 
     # ---------------------------------------------------------------- running
     def route(self, layer: int, resid_pre: Tensor) -> Routing:
@@ -245,7 +252,7 @@ class RoutedHeads(nn.Module):
             raise FileNotFoundError(f"No saved router in {path} (expected router.json and "
                                     f"router.pt, written by RoutedHeads.save).")
         settings = json.loads((path / "router.json").read_text())
-        d_model, n_heads = _dims(model_or_bridge.config)
+        d_model, n_heads = attention_dims(model_or_bridge.config)
         n_layers = model_or_bridge.config.num_hidden_layers
         if (settings["n_heads"], settings["n_layers"]) != (n_heads, n_layers):
             raise ValueError(f"The router in {path} was trained for {settings['n_layers']} "

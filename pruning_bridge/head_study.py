@@ -19,7 +19,7 @@ from torch import Tensor, tensor
 
 from .bridge import HookBridge
 from .head_importance import gradient_head_importance, mean_gate_importance
-from .head_routing import RoutedHeads
+from .head_routing import RoutedHeads, attention_dims, top_k_for
 from .head_sweep import REPORT_FRACTIONS, fingerprint, head_sweep
 from .router_training import RouterTrainingLog, train_router, training_windows
 from .weight_sweep import calibration_texts
@@ -81,8 +81,8 @@ def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
     train_ids = training_windows(tokenizer, train_texts, seq_len)
     eval_ids = training_windows(tokenizer, eval_texts, seq_len)[:importance_windows]
 
-    probe = RoutedHeads(bridge, n_shared, layers=layers)  # for the fractions' top-k only
-    ks = {fraction: probe.top_k_for(fraction) for fraction in fractions}
+    n_heads = attention_dims(bridge.config)[1]
+    ks = {fraction: top_k_for(fraction, n_heads, n_shared) for fraction in fractions}
     figure_k = top_k if top_k is not None else min(ks.values())
     routers, logs = {}, {}
     for k in sorted({*ks.values(), figure_k}):

@@ -135,10 +135,11 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
     windows = texts if isinstance(texts, Tensor) else training_windows(tokenizer, texts, seq_len)
     router = router or RoutedHeads(bridge, n_shared, top_k, layers, seed=seed)
     router.to(bridge.device)
+    dtype = next(bridge.parameters()).dtype
     settings = {**router.settings(), "steps": steps, "batch_size": batch_size,
                 "seq_len": windows.shape[1], "lr": lr, "beta": beta,
                 "max_grad_norm": max_grad_norm, "train_base": train_base, "seed": seed,
-                "dtype": str(next(bridge.parameters()).dtype)}
+                "dtype": str(dtype)}
     out = Path(out) if out is not None else None
     log = RouterTrainingLog(settings)
 
@@ -152,7 +153,6 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
     schedule = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(windows), generator=schedule)
                        for _ in range(math.ceil(steps * batch_size / len(windows)) + 1)])
-    dtype = next(bridge.parameters()).dtype
     try:
         with nullcontext() if train_base else frozen(bridge.model), router.routing(bridge):
             bar = tqdm(range(start, steps), desc="router training", disable=not progress,
