@@ -29,8 +29,8 @@ import torch
 
 from common import median_time, print_table
 from pruning_bridge.bridge import HookBridge
-from pruning_bridge.head_removal import head_counts, heads_to_remove, remove_heads
-from pruning_bridge.head_routing import RoutedHeads
+from pruning_bridge.heads.removal import head_counts, heads_to_remove, remove_heads
+from pruning_bridge.heads.routing import RoutedHeads
 from pruning_bridge.models import load_model
 
 

@@ -17,8 +17,8 @@ import time
 import torch
 
 from common import median_time, print_table
-from pruning_bridge.layer_sweep import layer_sweep
-from pruning_bridge.layers import drop_layers
+from pruning_bridge.pruning.layer_sweep import layer_sweep
+from pruning_bridge.pruning.layers import drop_layers
 from pruning_bridge.models import load_model
 
 

@@ -21,7 +21,8 @@ import argparse
 import torch
 
 from common import median_time, print_table
-from lens_safety.caching import _left_pad, cache_residuals
+from lens_safety.caching import cache_residuals
+from pruning_bridge.common import left_pad
 from lens_safety.editing import ablate, orthogonalize
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.models import load_model
@@ -56,7 +57,7 @@ def main() -> None:
     rows = tok(texts, truncation=True, max_length=256)["input_ids"]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     order = sorted(range(len(texts)), key=lambda i: len(rows[i]))
-    batches = [(order[s:s + args.batch], *_left_pad([rows[i] for i in order[s:s + args.batch]],
+    batches = [(order[s:s + args.batch], *left_pad([rows[i] for i in order[s:s + args.batch]],
                                                      pad_id))
                for s in range(0, len(texts), args.batch)]
 

@@ -47,7 +47,7 @@ from torch.nn.utils import prune
 
 from common import print_table
 from pruning_bridge.models import load_model
-from pruning_bridge.weights import (magnitude_masks, magnitude_prune, prunable_linears,
+from pruning_bridge.pruning.weights import (magnitude_masks, magnitude_prune, prunable_linears,
                                     prune_permanently)
 
 

@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 from common import figure_parser, results_dir
-from pruning_bridge.data import load_wikitext2
+from pruning_bridge.evals.data import load_wikitext2
 from pruning_bridge.figures import layer_removal_figure, save_figure
-from pruning_bridge.layer_sweep import layer_sweep, rank_correlation
-from pruning_bridge.layers import block_influence
+from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
+from pruning_bridge.pruning.layers import block_influence
 from pruning_bridge.models import load_model
 
 

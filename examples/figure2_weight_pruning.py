@@ -15,7 +15,7 @@ from pathlib import Path
 from common import figure_parser, results_dir
 from pruning_bridge.figures import save_figure, weight_pruning_figure
 from pruning_bridge.models import load_model
-from pruning_bridge.weight_sweep import REPORT_SPARSITIES, weight_sweep
+from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
 
 
 def doubling_sparsity(rows: list[dict], method: str) -> float | None:

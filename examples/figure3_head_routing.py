@@ -20,7 +20,7 @@ from scipy.stats import spearmanr
 from common import figure_parser, results_dir
 from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
                                     router_loss_figure, save_figure)
-from pruning_bridge.head_study import run_head_study
+from pruning_bridge.heads.study import run_head_study
 from pruning_bridge.models import load_model
 
 

@@ -20,17 +20,17 @@ import json
 import time
 from pathlib import Path
 
-from pruning_bridge.data import load_wikitext2
+from pruning_bridge.evals.data import load_wikitext2
 from pruning_bridge.evals import EvalResult, gsm8k_accuracy, mmlu_accuracy, perplexity
 from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
                                     layer_removal_figure, router_loss_figure, save_figure,
                                     weight_pruning_figure)
-from pruning_bridge.head_study import run_head_study
-from pruning_bridge.layer_sweep import layer_sweep, rank_correlation
-from pruning_bridge.layers import block_influence
+from pruning_bridge.heads.study import run_head_study
+from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
+from pruning_bridge.pruning.layers import block_influence
 from pruning_bridge.models import load_model
-from pruning_bridge.report import Section, package_versions, write_report
-from pruning_bridge.weight_sweep import REPORT_SPARSITIES, weight_sweep
+from pruning_bridge.common.report import Section, package_versions, write_report
+from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
 
 SMOL = "smollm2-135m"
 PRESETS = {  # sizes: ~15 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)

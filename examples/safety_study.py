@@ -20,8 +20,8 @@ from pathlib import Path
 from lens_safety import PromptSet, cache_residuals, run_probe_study
 from lens_safety.figures import projection_histogram, tradeoff_figure
 from lens_safety.sweep import alpha_sweep
-from pruning_bridge.data import load_wikitext2
-from pruning_bridge.figures import save_figure
+from pruning_bridge.evals.data import load_wikitext2
+from pruning_bridge.common import save_figure
 
 
 def load(model_spec: str, backend: str, dtype, device):

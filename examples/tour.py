@@ -12,11 +12,11 @@ import torch
 
 from lens_safety import LayerProbes, PromptSet, ablate, cache_residuals, harmful_direction
 from pruning_bridge import HookBridge, load_model, load_wikitext2, perplexity
-from pruning_bridge.head_removal import head_counts, heads_to_remove, remove_heads
-from pruning_bridge.layers import block_influence, skip_layers
-from pruning_bridge.router_training import train_router, training_windows
-from pruning_bridge.weight_sweep import calibration_texts
-from pruning_bridge.weights import input_norms, magnitude_prune, wanda_prune
+from pruning_bridge.heads.removal import head_counts, heads_to_remove, remove_heads
+from pruning_bridge.pruning.layers import block_influence, skip_layers
+from pruning_bridge.heads.training import train_router, training_windows
+from pruning_bridge.pruning.weight_sweep import calibration_texts
+from pruning_bridge.pruning.weights import input_norms, magnitude_prune, wanda_prune
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="smollm2-135m")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pruning_bridge.evals.lm import model_device
+from pruning_bridge.common import left_pad, model_device
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 POOLS = ("last", "mean")
@@ -93,16 +93,6 @@ def pool_batch(acts: Tensor, attention_mask: Tensor, pool: str) -> Tensor:
     # where() rather than a multiplication: padded positions may hold NaN (fully masked rows)
     total = torch.where(real[..., None], acts, 0.0).sum(dim=1)
     return total / real.sum(dim=1, keepdim=True).clamp(min=1)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids, mask
 
 
 # ---------------------------------------------------------------- storage
@@ -180,7 +170,7 @@ def cache_residuals(model, tokenizer, texts: Sequence[str], hook: str = "resid_p
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=f"caching {hook}", disable=not progress):
         index = order[start:start + batch_size]
-        ids, mask = _left_pad([rows[i] for i in index], pad_id)
+        ids, mask = left_pad([rows[i] for i in index], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         cache = run_with_cache(model, ids, mask, names)
         for k, name in enumerate(names):

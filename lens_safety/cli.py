@@ -33,7 +33,7 @@ def _run_probe(args: argparse.Namespace) -> int:
           f"direction AUROC on the test split {summary['held_out_projection_auroc']:.3f}; "
           f"saved {summary.get('direction_path')}")
     if args.out:
-        from pruning_bridge.figures import save_figure
+        from pruning_bridge.common import save_figure
 
         print("wrote", *save_figure(summary["probes"].figure(f"{args.model}: harmful-vs-neutral "
                                                               f"probe per layer"),
@@ -135,7 +135,7 @@ def _load_bridge(args):
 
 
 def _run_edit(args: argparse.Namespace) -> int:
-    from pruning_bridge.data import load_wikitext2
+    from pruning_bridge.evals.data import load_wikitext2
 
     from .evaluation import evaluate_edit
 
@@ -163,8 +163,8 @@ def _run_report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from pruning_bridge.data import load_wikitext2
-    from pruning_bridge.figures import save_figure
+    from pruning_bridge.evals.data import load_wikitext2
+    from pruning_bridge.common import save_figure
 
     from .caching import cache_residuals
     from .figures import projection_histogram, tradeoff_figure

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pruning_bridge.evals.result import JsonDataclass
+from pruning_bridge.common import JsonDataclass
 
 from .caching import HOOKS, cache_residuals, is_bridge, model_device
 from .editing import ablate, orthogonalize

@@ -98,9 +98,9 @@ def load_hooked(spec, dtype=None, device=None, n_ctx: int | None = None) -> Hook
       model (its ``.tokenizer`` attribute, if any, is used; else no tokenizer) or a
       ``(model, tokenizer)`` pair, converted with :func:`hooked_from_hf`.
     """
-    from pruning_bridge.models import ModelLoadError, _resolve_dtype, load_model
+    from pruning_bridge.models import ModelLoadError, resolve_dtype, load_model
 
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     if not isinstance(spec, (str, os.PathLike)):
         if isinstance(spec, tuple) and len(spec) == 2:
             model, tokenizer = spec

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pruning_bridge.data import DataNotFoundError, load_hub_dataset
+from pruning_bridge.evals.data import DataNotFoundError, load_hub_dataset
 
 LABELS = ("neutral", "biased", "toxic")
 HARMFUL_LABELS = ("biased", "toxic")

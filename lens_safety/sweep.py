@@ -5,7 +5,7 @@
 
 Each row: ``edit``, ``alpha``, the after metrics (``toxicity_toxic``, ``toxicity_neutral``,
 ``perplexity``, ...) and the unedited values as ``before_<metric>``. With ``out`` (JSONL through
-:class:`pruning_bridge.results.ResultsLog`, method ``"edit"``, task ``"safety"``), each row is
+:class:`pruning_bridge.common.results.ResultsLog`, method ``"edit"``, task ``"safety"``), each row is
 appended as it finishes and settings already in the file are not recomputed.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pruning_bridge.results import ResultsLog
+from pruning_bridge.common.results import ResultsLog
 
 from .evaluation import evaluate_edit
 

@@ -1,23 +1,35 @@
-"""pruning_bridge: TransformerLens hook names on Hugging Face models, and model compression."""
+"""pruning_bridge: TransformerLens hook names on Hugging Face models, and model compression.
 
-from .adapters import UnsupportedArchitectureError
-from .bridge import ActivationCache, HookBridge, UnknownHookError
-from .data import (DataNotFoundError, GSM8KProblem, MMLUQuestion, load_gsm8k, load_mmlu,
-                   load_wikitext2, mmlu_subset)
-from .evals import EvalResult, gsm8k_accuracy, mmlu_accuracy, perplexity
-from .layer_sweep import layer_sweep
-from .layers import block_influence, drop_layers, skip_layers
+Subpackages: ``bridge`` (HookBridge and the architecture table), ``evals`` (data, MMLU, GSM8K,
+perplexity), ``pruning`` (layers and weights), ``heads`` (routing, importance, removal) and
+``common`` (results log, figures, report). Everything public is re-exported here.
+"""
+
+# The deprecated modules named like the sweep functions load first, so that the functions below
+# keep these attribute names (importing a submodule later would rebind them to the module).
+from . import head_sweep, layer_sweep, weight_sweep  # noqa: F401  isort: skip
+from .bridge import ActivationCache, HookBridge, UnknownHookError, UnsupportedArchitectureError
+from .common import ResultsLog, save_figure
+from .evals import (DataNotFoundError, EvalResult, GSM8KProblem, MMLUQuestion, gsm8k_accuracy,
+                    load_gsm8k, load_mmlu, load_wikitext2, mmlu_accuracy, mmlu_subset, perplexity)
+from .heads import (HeadRouter, HeadStudy, RoutedHeads, RouterTrainingError, RouterTrainingLog,
+                    gradient_head_importance, head_counts, head_sweep, heads_to_remove,
+                    load_balancing_loss, load_head_pruned, mean_gate_importance, remove_heads,
+                    run_head_study, train_router)
 from .models import ModelLoadError, load_model
-from .results import ResultsLog
-from .weight_sweep import weight_sweep
-from .weights import (SparsityReport, input_norms, magnitude_prune, nm_prune, prune_permanently,
-                      sparsity_report, wanda_prune)
+from .pruning import (SparsityReport, block_influence, drop_layers, input_norms, layer_sweep,
+                      magnitude_prune, nm_prune, prune_permanently, skip_layers, sparsity_report,
+                      wanda_prune, weight_sweep)
 
 __all__ = [
-    "ActivationCache", "DataNotFoundError", "EvalResult", "GSM8KProblem", "HookBridge",
-    "MMLUQuestion", "ModelLoadError", "UnknownHookError", "UnsupportedArchitectureError",
-    "gsm8k_accuracy", "load_gsm8k", "load_mmlu", "load_model", "load_wikitext2",
-    "mmlu_accuracy", "mmlu_subset", "perplexity", "layer_sweep", "block_influence",
-    "drop_layers", "skip_layers", "ResultsLog", "weight_sweep", "SparsityReport", "input_norms",
-    "magnitude_prune", "nm_prune", "prune_permanently", "sparsity_report", "wanda_prune",
+    "ActivationCache", "DataNotFoundError", "EvalResult", "GSM8KProblem", "HeadRouter",
+    "HeadStudy", "HookBridge", "MMLUQuestion", "ModelLoadError", "ResultsLog", "RoutedHeads",
+    "RouterTrainingError", "RouterTrainingLog", "SparsityReport", "UnknownHookError",
+    "UnsupportedArchitectureError", "block_influence", "drop_layers", "gradient_head_importance",
+    "gsm8k_accuracy", "head_counts", "head_sweep", "heads_to_remove", "input_norms",
+    "layer_sweep", "load_balancing_loss", "load_gsm8k", "load_head_pruned", "load_mmlu",
+    "load_model", "load_wikitext2", "magnitude_prune", "mean_gate_importance", "mmlu_accuracy",
+    "mmlu_subset", "nm_prune", "perplexity", "prune_permanently", "remove_heads",
+    "run_head_study", "save_figure", "skip_layers", "sparsity_report", "train_router",
+    "wanda_prune", "weight_sweep",
 ]

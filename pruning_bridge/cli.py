@@ -11,10 +11,10 @@ from .evals import EvalResult
 
 
 def _evaluate(args: argparse.Namespace) -> EvalResult:
-    from .data import load_wikitext2
+    from .evals.data import load_wikitext2
     from .evals import default_window, gsm8k_accuracy, mmlu_accuracy, perplexity
     from .models import load_model
-    from .tasks import perplexity_batch
+    from .evals.tasks import perplexity_batch
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     common = dict(seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size)
@@ -94,7 +94,7 @@ def _add_common(p, tasks_default: str,
 
 def _run_layers(args: argparse.Namespace) -> int:
     from .figures import layer_removal_figure, save_figure
-    from .layer_sweep import layer_sweep
+    from .pruning.layer_sweep import layer_sweep
     from .models import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -123,7 +123,7 @@ def _add_layers(sub) -> None:
 def _run_weights(args: argparse.Namespace) -> int:
     from .figures import save_figure, weight_pruning_figure
     from .models import load_model
-    from .weight_sweep import weight_sweep
+    from .pruning.weight_sweep import weight_sweep
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     sparsities = [float(x) for x in args.sparsities.split(",") if x.strip()]
@@ -156,7 +156,7 @@ def _add_weights(sub) -> None:
 def _run_heads(args: argparse.Namespace) -> int:
     from .figures import (head_importance_figure, head_pruning_figure, router_loss_figure,
                           save_figure)
-    from .head_study import run_head_study
+    from .heads.study import run_head_study
     from .models import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -214,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run its subcommand; bad input prints one clear line and returns 2."""
-    from .data import DataNotFoundError
+    from .evals.data import DataNotFoundError
     from .models import ModelLoadError
-    from .router_training import RouterTrainingError
+    from .heads.training import RouterTrainingError
 
     args = parser.parse_args(argv)
     try:

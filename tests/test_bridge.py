@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lens_safety.hooked import hooked_from_hf
-from pruning_bridge.adapters import UnsupportedArchitectureError
+from pruning_bridge.bridge.adapters import UnsupportedArchitectureError
 from pruning_bridge.bridge import HookBridge, UnknownHookError
 
 PROMPTS = ["The quick brown fox jumps over", "Hello"]  # padded batch: different lengths

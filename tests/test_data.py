@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pruning_bridge.data import (
+from pruning_bridge.evals.data import (
     DataNotFoundError,
     GSM8KProblem,
     MMLUQuestion,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pruning_bridge.cli import main as cli_main
-from pruning_bridge.data import load_gsm8k, load_mmlu, load_wikitext2, mmlu_subset
+from pruning_bridge.evals.data import load_gsm8k, load_mmlu, load_wikitext2, mmlu_subset
 from pruning_bridge.evals import extract_answer, gsm8k_accuracy, mmlu_accuracy, perplexity
 
 ARCHS = ["tiny-gpt2", "tiny-qwen3", "tiny-llama"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from pruning_bridge.head_removal import (
+from pruning_bridge.heads.removal import (
     head_counts,
     heads_to_remove,
     load_head_pruned,

@@ -8,11 +8,11 @@ import torch
 from transformers import LlamaConfig
 
 from pruning_bridge.bridge import HookBridge
-from pruning_bridge.head_importance import gradient_head_importance, mean_gate_importance
-from pruning_bridge.head_routing import HeadRouter, RoutedHeads, load_balancing_loss
-from pruning_bridge.router_training import (RouterTrainingError, lm_loss, routed_lm_loss,
+from pruning_bridge.heads.importance import gradient_head_importance, mean_gate_importance
+from pruning_bridge.heads.routing import HeadRouter, RoutedHeads, load_balancing_loss
+from pruning_bridge.heads.training import (RouterTrainingError, lm_loss, routed_lm_loss,
                                             train_router, training_windows)
-from pruning_bridge.weight_sweep import calibration_texts
+from pruning_bridge.pruning.weight_sweep import calibration_texts
 
 ARCHS = ["tiny-llama", "tiny-qwen3", "tiny-gpt2"]
 

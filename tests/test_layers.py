@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.figures import layer_removal_figure, save_figure
-from pruning_bridge.layer_sweep import layer_sweep, rank_correlation
-from pruning_bridge.layers import block_influence, drop_layers, skip_layers
-from pruning_bridge.results import ResultsLog
+from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
+from pruning_bridge.pruning.layers import block_influence, drop_layers, skip_layers
+from pruning_bridge.common.results import ResultsLog
 
 PROMPTS = ["The quick brown fox jumps over", "Hello"]
 

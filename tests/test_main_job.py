@@ -8,10 +8,10 @@ import pytest
 
 
 # the package re-exports functions with these modules' names, so import the modules themselves
-head_study = importlib.import_module("pruning_bridge.head_study")
-head_sweep = importlib.import_module("pruning_bridge.head_sweep")
-layer_sweep = importlib.import_module("pruning_bridge.layer_sweep")
-weight_sweep = importlib.import_module("pruning_bridge.weight_sweep")
+head_study = importlib.import_module("pruning_bridge.heads.study")
+head_sweep = importlib.import_module("pruning_bridge.heads.sweep")
+layer_sweep = importlib.import_module("pruning_bridge.pruning.layer_sweep")
+weight_sweep = importlib.import_module("pruning_bridge.pruning.weight_sweep")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from lens_safety.prompts import (
     load_toxigen,
     split_toxigen_line,
 )
-from pruning_bridge.data import DataNotFoundError
+from pruning_bridge.evals.data import DataNotFoundError
 
 
 def _lines(data_dir, name):

@@ -14,7 +14,7 @@ from lens_safety.hooked import load_hooked
 from lens_safety.probes import LayerProbes
 from lens_safety.toxicity import get_scorer, profanity_scorer
 from pruning_bridge.bridge import HookBridge
-from pruning_bridge.data import load_wikitext2
+from pruning_bridge.evals.data import load_wikitext2
 from pruning_bridge.evals import perplexity
 from pruning_bridge.models import ModelLoadError
 

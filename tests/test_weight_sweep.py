@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pruning_bridge.evals import perplexity
-from pruning_bridge.data import load_wikitext2
+from pruning_bridge.evals.data import load_wikitext2
 from pruning_bridge.figures import weight_pruning_figure
-from pruning_bridge.weight_sweep import calibration_texts, weight_sweep
+from pruning_bridge.pruning.weight_sweep import calibration_texts, weight_sweep
 
 
 def state_hash(model) -> str:

@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn.utils import prune
 from transformers.pytorch_utils import Conv1D
 
-from pruning_bridge.adapters import UnsupportedArchitectureError
-from pruning_bridge.data import load_wikitext2
+from pruning_bridge.bridge.adapters import UnsupportedArchitectureError
+from pruning_bridge.evals.data import load_wikitext2
 from pruning_bridge.evals import perplexity
-from pruning_bridge.weights import (apply_masks, input_norms, magnitude_masks, magnitude_prune,
+from pruning_bridge.pruning.weights import (apply_masks, input_norms, magnitude_masks, magnitude_prune,
                                     nm_masks, nm_prune, prunable_linears, prune_permanently,
                                     sparsity_report, wanda_masks, wanda_prune)
 

@@ -1,13 +1,17 @@
-"""Evaluation of any causal LM + tokenizer: MMLU, GSM8K and perplexity."""
+"""Evaluation of any causal LM + tokenizer: data, MMLU, GSM8K, perplexity, and tasks by name."""
 
+from .data import (DataNotFoundError, GSM8KProblem, MMLUQuestion, load_gsm8k, load_mmlu,
+                   load_wikitext2, mmlu_subset)
 from .gsm8k import extract_answer, gsm8k_accuracy, gsm8k_prompt
 from .lm import forward_logits, greedy_generate
 from .mmlu import letter_token_ids, mmlu_accuracy, mmlu_prompt
 from .perplexity import default_window, perplexity
 from .result import EvalResult
+from .tasks import METRICS, TASKS, evaluate, parse_tasks
 
 __all__ = [
-    "EvalResult", "default_window", "extract_answer", "forward_logits", "greedy_generate",
-    "gsm8k_accuracy", "gsm8k_prompt", "letter_token_ids", "mmlu_accuracy", "mmlu_prompt",
-    "perplexity",
+    "DataNotFoundError", "EvalResult", "GSM8KProblem", "METRICS", "MMLUQuestion", "TASKS",
+    "default_window", "evaluate", "extract_answer", "forward_logits", "greedy_generate",
+    "gsm8k_accuracy", "gsm8k_prompt", "letter_token_ids", "load_gsm8k", "load_mmlu",
+    "load_wikitext2", "mmlu_accuracy", "mmlu_prompt", "mmlu_subset", "parse_tasks", "perplexity",
 ]

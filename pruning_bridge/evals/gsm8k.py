@@ -14,7 +14,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data import GSM8KProblem, load_gsm8k, sample
+from .data import GSM8KProblem, load_gsm8k, sample
 from .lm import batches_by_length, greedy_generate
 from .result import EvalResult
 

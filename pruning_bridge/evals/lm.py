@@ -8,23 +8,12 @@ same last-position logits as each prompt run alone.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU if it has none)."""
-    params = getattr(model, "parameters", None)
-    first = next(iter(params()), None) if params else None
-    return first.device if first is not None else torch.device("cpu")
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from ..common.tokens import encode_batch, model_device, position_ids
 
 
 def _accepts(model, argument: str) -> bool:
@@ -52,23 +41,6 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                 position_ids=position_ids(attention_mask), **kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     return logits[:, -1:] if last_only else logits
-
-
-@contextmanager
-def left_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[PreTrainedTokenizerBase]:
-    """Temporarily pad on the left (needed to read the last position and to generate)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        yield tokenizer
-    finally:
-        tokenizer.padding_side = side
-
-
-def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> dict:
-    """Tokenize prompts as one left-padded batch of tensors."""
-    with left_padding(tokenizer):
-        return tokenizer(list(prompts), return_tensors="pt", padding=True)
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

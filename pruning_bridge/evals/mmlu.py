@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data import MMLUQuestion, load_mmlu, mmlu_subset
-from .lm import batches_by_length, encode_batch, forward_logits
+from .data import MMLUQuestion, load_mmlu, mmlu_subset
+from ..common.tokens import encode_batch
+from .lm import batches_by_length, forward_logits
 from .result import EvalResult
 
 LETTERS = "ABCD"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .adapters import Adapter, adapter_for
-from .evals.lm import position_ids as mask_position_ids
+from ..common.tokens import position_ids as mask_position_ids
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Names = Iterable[str] | Callable[[str], bool] | None

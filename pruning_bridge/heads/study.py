@@ -1,0 +1,118 @@
+"""The routed-heads study end to end (the report's Figure 3), resumable in one output folder.
+
+1. train a router per active-head fraction on WikiText-2 validation paragraphs
+   (``router_k{k}/``: weights, loss curve, checkpoints);
+2. head importance on held-out paragraphs: the mean gates of the most selective router (the
+   report's Figure 3) and head-mask gradients (``importance.json``);
+3. evaluate routed and removed heads at each fraction (``head_sweep.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from torch import Tensor, tensor
+
+from ..bridge import HookBridge
+from ..pruning.weight_sweep import calibration_texts
+from .importance import gradient_head_importance, mean_gate_importance
+from .routing import RoutedHeads, attention_dims, top_k_for
+from .sweep import REPORT_FRACTIONS, fingerprint, head_sweep
+from .training import RouterTrainingLog, train_router, training_windows
+
+
+@dataclass
+class HeadStudy:
+    """What the study produced. ``router``/``log``: the Figure 3 router and its training log;
+    ``routers``: the router of each active fraction."""
+
+    router: RoutedHeads
+    log: RouterTrainingLog
+    routers: dict[float, RoutedHeads]
+    mean_gates: Tensor
+    gradient_importance: Tensor
+    rows: list[dict]
+    seconds: float
+
+    def layer_ranking(self) -> list[tuple[int, float]]:
+        """Routed layers by the spread of their routed gates (max - min mean gate), largest first.
+
+        A large spread means the router keeps some heads of that layer and drops others; a flat
+        layer is one where it has no preference.
+        """
+        n_shared = self.router.n_shared
+        spread = [(layer, float(self.mean_gates[layer, n_shared:].max()
+                                - self.mean_gates[layer, n_shared:].min()))
+                  for layer in self.router.layers]
+        return sorted(spread, key=lambda item: -item[1])
+
+
+def _split_texts(data_dir, n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    texts = calibration_texts(data_dir, n=n_train + n_eval, seed=seed)
+    return texts[:n_train], texts[n_train:]
+
+
+def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
+                   top_k: int | None = None, layers: Sequence[int] | None = None,
+                   steps: int = 100, batch_size: int = 4, seq_len: int = 256, lr: float = 1e-2,
+                   beta: float = 0.01, importance_windows: int = 16,
+                   fractions: Sequence[float] = REPORT_FRACTIONS, tasks=("mmlu", "perplexity"),
+                   data_dir=None, limit: int | dict[str, int | None] | None = None,
+                   window: int | None = None,
+                   shots: int | None = None, max_new_tokens: int = 256, eval_batch_size: int = 8,
+                   seed: int = 0, progress: bool = True) -> HeadStudy:
+    """Train, rank and evaluate; every stage reuses what ``out`` already holds.
+
+    ``top_k`` picks the router whose mean gates rank the heads (default: the smallest of the
+    fractions' top-k, the most selective); each fraction is evaluated with its own router.
+    """
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"Active head fractions must be in (0, 1], got {bad}.")
+    start = time.perf_counter()
+    out = Path(out)
+    bridge = HookBridge(model, tokenizer)
+    n_train = max(64, steps * batch_size * seq_len // 120)  # ~120 tokens per paragraph
+    train_texts, eval_texts = _split_texts(data_dir, n_train, 4 * importance_windows, seed)
+    train_ids = training_windows(tokenizer, train_texts, seq_len)
+    eval_ids = training_windows(tokenizer, eval_texts, seq_len)[:importance_windows]
+
+    n_heads = attention_dims(bridge.config)[1]
+    ks = {fraction: top_k_for(fraction, n_heads, n_shared) for fraction in fractions}
+    figure_k = top_k if top_k is not None else min(ks.values())
+    routers, logs = {}, {}
+    for k in sorted({*ks.values(), figure_k}):
+        router_dir = out / f"router_k{k}"
+        if (router_dir / "training_log.json").exists():
+            routers[k] = RoutedHeads.load(router_dir, bridge)
+            logs[k] = RouterTrainingLog.from_json(router_dir / "training_log.json")
+        else:
+            routers[k], logs[k] = train_router(
+                bridge, tokenizer, train_ids, n_shared=n_shared, top_k=k, layers=layers,
+                steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed,
+                out=router_dir, progress=progress)
+    router = routers[figure_k]
+
+    importance_path = out / "importance.json"
+    saved = json.loads(importance_path.read_text()) if importance_path.exists() else {}
+    if saved.get("router") == fingerprint(router):
+        gates, gradients = tensor(saved["mean_gates"]), tensor(saved["gradient"])
+    else:
+        gates = mean_gate_importance(router, bridge, eval_ids, progress=progress)
+        gradients = gradient_head_importance(bridge, tokenizer, eval_ids, progress=progress)
+        importance_path.write_text(json.dumps({"router": fingerprint(router),
+                                               "mean_gates": gates.tolist(),
+                                               "gradient": gradients.tolist(),
+                                               "windows": len(eval_ids), "seq_len": seq_len}))
+
+    by_fraction = {f: routers[k] for f, k in ks.items()}
+    rows = head_sweep(model, tokenizer, by_fraction, gates, tasks, out=out / "head_sweep.jsonl",
+                      data_dir=data_dir, limit=limit, window=window, shots=shots, seed=seed,
+                      max_new_tokens=max_new_tokens, batch_size=eval_batch_size,
+                      progress=progress)
+    return HeadStudy(router, logs[figure_k], by_fraction, gates, gradients, rows,
+                     time.perf_counter() - start)
