@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pruning_bridge.common import left_pad, model_device
+from pruning_bridge.common import check_layers, left_pad, model_device
+from pruning_bridge.common.errors import UsageError
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 POOLS = ("last", "mean")
@@ -52,18 +53,8 @@ def hook_name(layer: int, hook: str) -> str:
     """``blocks.{layer}.hook_{hook}``; ``hook`` is ``"resid_post"`` or ``"hook_resid_post"`` etc."""
     short = hook.removeprefix("hook_")
     if short not in HOOKS:
-        raise ValueError(f"Unknown residual hook {hook!r}; use one of {', '.join(HOOKS)}.")
+        raise UsageError(f"Unknown residual hook {hook!r}; use one of {', '.join(HOOKS)}.")
     return f"blocks.{layer}.hook_{short}"
-
-
-def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """The layer list (all layers for None), each checked to be a block index."""
-    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"Layer(s) {bad} out of range: this model has {n_layers} blocks "
-                         f"(valid layers 0..{n_layers - 1}).")
-    return layers
 
 
 def run_with_cache(model, ids: Tensor, attention_mask: Tensor,
@@ -140,13 +131,13 @@ def cache_residuals(model, tokenizer, texts: Sequence[str], hook: str = "resid_p
     tokens are truncated (their first tokens kept). ``tokenizer=None`` uses ``model.tokenizer``.
     """
     if pool not in POOLS:
-        raise ValueError(f"Unknown pool {pool!r}; use one of {', '.join(POOLS)}.")
+        raise UsageError(f"Unknown pool {pool!r}; use one of {', '.join(POOLS)}.")
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
-        raise ValueError("No texts to cache: pass a non-empty list of strings.")
+        raise UsageError("No texts to cache: pass a non-empty list of strings.")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError("Pass a tokenizer (the model has none).")
+        raise UsageError("Pass a tokenizer (the model has none).")
     n_layers, d_model = model_dims(model)
     layers = check_layers(layers, n_layers)
     names = [hook_name(layer, hook) for layer in layers]
@@ -162,7 +153,7 @@ def cache_residuals(model, tokenizer, texts: Sequence[str], hook: str = "resid_p
     rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     empty = [i for i, row in enumerate(rows) if not row]
     if empty:
-        raise ValueError(f"Text(s) at index {empty[:5]} tokenise to nothing; remove them.")
+        raise UsageError(f"Text(s) at index {empty[:5]} tokenise to nothing; remove them.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(texts)), key=lambda i: len(rows[i]))  # similar lengths together
     out = torch.empty(len(layers), len(texts), d_model, dtype=torch.float32)

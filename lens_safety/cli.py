@@ -13,6 +13,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from pruning_bridge.common.errors import UsageError
+
 
 def _run_probe(args: argparse.Namespace) -> int:
     from pruning_bridge.bridge import HookBridge
@@ -48,15 +50,15 @@ def _load_direction_checked(path) -> tuple:
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Direction file {path} does not exist.")
+        raise UsageError(f"Direction file {path} does not exist.")
     try:
         direction, meta = load_direction(path)
     except Exception as error:  # not a safetensors file, or no "direction" tensor
-        raise ValueError(f"{path} is not a direction file saved by save_direction "
+        raise UsageError(f"{path} is not a direction file saved by save_direction "
                          f"({type(error).__name__}: {error}).") from None
     if direction.ndim != 1 or direction.numel() == 0 or not bool(direction.isfinite().all()) \
             or float(direction.norm()) == 0.0:
-        raise ValueError(f"{path} does not hold a finite non-zero [d_model] direction "
+        raise UsageError(f"{path} does not hold a finite non-zero [d_model] direction "
                          f"(shape {tuple(direction.shape)}).")
     return direction, meta
 
@@ -66,7 +68,7 @@ def _check_width(bridge, direction, path) -> None:
 
     d_model = model_dims(bridge)[1]
     if direction.shape[0] != d_model:
-        raise ValueError(f"The direction in {path} has width {direction.shape[0]}, but the "
+        raise UsageError(f"The direction in {path} has width {direction.shape[0]}, but the "
                          f"model's d_model is {d_model}.")
 
 
@@ -78,7 +80,7 @@ def _test_prompts(data_dir, n_per_class, seed, n_prompts, test_size=0.25):
     toxic = [x.text for x in test if x.label == "toxic"][:n_prompts]
     neutral = [x.text for x in test if x.label == "neutral"][:n_prompts]
     if not toxic:
-        raise ValueError("The held-out split has no toxic prompts.")
+        raise UsageError("The held-out split has no toxic prompts.")
     return toxic, neutral
 
 
@@ -96,13 +98,13 @@ def _run_direction(args: argparse.Namespace) -> int:
     folder = Path(args.from_dir)
     summary_path = folder / "probe_study.json"
     if not summary_path.is_file():
-        raise ValueError(f"{summary_path} not found: run `python -m lens_safety probe --out "
+        raise UsageError(f"{summary_path} not found: run `python -m lens_safety probe --out "
                          f"{folder}` first.")
     summary = json.loads(summary_path.read_text())
     hook, pool, seed = summary["hook"], summary["pool"], summary["seed"]
     acts_path = folder / f"acts_train_{hook}_{pool}.safetensors"
     if not acts_path.is_file():
-        raise ValueError(f"{acts_path} not found (the probe study stores its activations there).")
+        raise UsageError(f"{acts_path} not found (the probe study stores its activations there).")
     with safe_open(str(acts_path), framework="pt") as f:
         meta = f.metadata() or {}
     acts = load_file(str(acts_path))["residuals"]
@@ -112,11 +114,11 @@ def _run_direction(args: argparse.Namespace) -> int:
         test_size=args.test_size, seed=seed)
     texts_hash = hashlib.sha256(json.dumps(list(train.texts)).encode()).hexdigest()
     if meta.get("texts_sha256") not in (None, texts_hash) or len(train) != acts.shape[1]:
-        raise ValueError(f"The prompts rebuilt from --data-dir {args.data_dir} (n_per_class "
+        raise UsageError(f"The prompts rebuilt from --data-dir {args.data_dir} (n_per_class "
                          f"{n_per_class}, seed {seed}, test size {args.test_size}) are not the "
                          f"ones cached in {acts_path}; pass the probe run's --data-dir.")
     if not 0 <= args.layer < acts.shape[0]:
-        raise ValueError(f"Layer {args.layer} out of range: the activations have "
+        raise UsageError(f"Layer {args.layer} out of range: the activations have "
                          f"{acts.shape[0]} layers (valid 0..{acts.shape[0] - 1}).")
     direction = harmful_direction(acts, train.labels, args.layer, method=args.method, seed=seed)
     save_direction(args.out, direction, model=summary["model"], hook=hook, layer=args.layer,
@@ -141,7 +143,7 @@ def _run_edit(args: argparse.Namespace) -> int:
 
     direction, meta = _load_direction_checked(args.direction)
     if args.n_prompts < 1:
-        raise ValueError("--n-prompts must be at least 1.")
+        raise UsageError("--n-prompts must be at least 1.")
     bridge, tokenizer = _load_bridge(args)
     _check_width(bridge, direction, args.direction)
     toxic, neutral = _test_prompts(args.data_dir, args.n_per_class, args.seed, args.n_prompts)
@@ -163,8 +165,8 @@ def _run_report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from pruning_bridge.evals.data import load_wikitext2
     from pruning_bridge.common import save_figure
+    from pruning_bridge.evals.data import load_wikitext2
 
     from .caching import cache_residuals
     from .figures import projection_histogram, tradeoff_figure
@@ -173,7 +175,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from .sweep import alpha_sweep
 
     if args.n_prompts < 1:
-        raise ValueError("--n-prompts must be at least 1.")
+        raise UsageError("--n-prompts must be at least 1.")
     out = Path(args.out)
     bridge, tokenizer = _load_bridge(args)
     study = run_probe_study(bridge, tokenizer, model_name=args.model, data_dir=args.data_dir,

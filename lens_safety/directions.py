@@ -30,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from pruning_bridge.common.errors import UsageError
+
 from .probes import as_array, binary_labels, check_data, probe_pipeline
 
 METHODS = ("mean_diff", "probe", "pca")
@@ -38,7 +40,7 @@ METHODS = ("mean_diff", "probe", "pca")
 def _unit(v: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(v)
     if not np.isfinite(norm) or norm == 0:
-        raise ValueError("The direction is zero (identical class statistics): no direction to "
+        raise UsageError("The direction is zero (identical class statistics): no direction to "
                          "extract at this layer.")
     return v / norm
 
@@ -48,12 +50,12 @@ def harmful_direction(acts, labels: Sequence, layer: int, method: str = "mean_di
     """A unit float32 ``[d_model]`` direction at ``layer`` of ``acts`` ``[n_layers, n, d_model]``
     along which harmful (biased/toxic, or label != 0) examples project higher than neutral ones."""
     if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
+        raise UsageError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
     X = as_array(acts)
     y = binary_labels(labels)
     check_data(X, y)
     if not 0 <= layer < len(X):
-        raise ValueError(f"Layer {layer} out of range: the activations have {len(X)} layers "
+        raise UsageError(f"Layer {layer} out of range: the activations have {len(X)} layers "
                          f"(valid 0..{len(X) - 1}).")
     x = X[layer].astype(np.float64)
     harmful, neutral = x[y == 1], x[y == 0]
@@ -80,7 +82,7 @@ def save_direction(path: str | Path, direction: Tensor, **metadata) -> None:
     """Save a direction with JSON-encoded metadata (e.g. model, hook, layer, method)."""
     direction = torch.as_tensor(direction).detach().float().cpu().contiguous()
     if direction.ndim != 1:
-        raise ValueError(f"A direction is one vector [d_model]; got shape "
+        raise UsageError(f"A direction is one vector [d_model]; got shape "
                          f"{tuple(direction.shape)}.")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({"direction": direction}, str(path),

@@ -23,7 +23,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .caching import HOOKS, check_layers, hook_name, is_bridge, model_dims
+from pruning_bridge.common import check_layers
+from pruning_bridge.common.errors import UsageError
+
+from .caching import HOOKS, hook_name, is_bridge, model_dims
 
 MODES = ("project", "subtract")
 
@@ -32,12 +35,12 @@ def unit_direction(direction, d_model: int) -> Tensor:
     """``direction`` as a unit float32 vector, checked to have the model's width."""
     d = torch.as_tensor(direction).detach().float()
     if d.shape != (d_model,):
-        raise ValueError(f"The direction has shape {tuple(d.shape)} but this model's residual "
+        raise UsageError(f"The direction has shape {tuple(d.shape)} but this model's residual "
                          f"stream has width d_model={d_model}: use a direction [d_model] found "
                          f"on the same model.")
     norm = d.norm()
     if not torch.isfinite(norm) or norm == 0:
-        raise ValueError("The direction is zero or not finite.")
+        raise UsageError("The direction is zero or not finite.")
     return d / norm
 
 
@@ -58,7 +61,7 @@ def ablate(model, direction, layers: Sequence[int] | None = None,
     """Remove (``project``: ``x - (x.d) d``) or subtract (``x - alpha d``) the unit-normalised
     ``direction`` at ``blocks.L.hook_{h}`` for each layer L (default: all) and hook h."""
     if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
+        raise UsageError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
     n_layers, d_model = model_dims(model)
     d = unit_direction(direction, d_model)
     names = [hook_name(layer, hook) for layer in check_layers(layers, n_layers) for hook in hooks]
@@ -119,7 +122,7 @@ def residual_writers(model) -> list[tuple[nn.Parameter, int]]:
     if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj")
                                  and hasattr(getattr(layer, "mlp", None), "down_proj")
                                  for layer in layers):
-        raise ValueError(f"orthogonalize supports HookedTransformer and HF GPT-2 / Llama / Qwen2 / "
+        raise UsageError(f"orthogonalize supports HookedTransformer and HF GPT-2 / Llama / Qwen2 / "
                          f"Qwen3 models (o_proj and mlp.down_proj per layer); got {kind!r}.")
     for layer in layers:
         for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):  # Linear weight: [d_model, in]

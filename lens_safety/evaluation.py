@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pruning_bridge.common import JsonDataclass
+from pruning_bridge.common.errors import UsageError
 
 from .caching import HOOKS, cache_residuals, is_bridge, model_device
 from .editing import ablate, orthogonalize
@@ -151,7 +152,7 @@ def harmful_probability(probe, acts, layer: int) -> np.ndarray:
         return proba[:, classes.index(1)]
     neutral = [i for i, c in enumerate(classes) if c in ("neutral", 0)]
     if not neutral:
-        raise ValueError(f"The multiclass probe has no neutral class (classes: {classes}).")
+        raise UsageError(f"The multiclass probe has no neutral class (classes: {classes}).")
     return 1.0 - proba[:, neutral[0]]
 
 
@@ -217,27 +218,27 @@ def evaluate_edit(model, tokenizer, direction, *, toxic_prompts: Sequence[str],
     "data_dir": ...}``), or None to skip.
     """
     if edit not in EDITS:
-        raise ValueError(f"Unknown edit {edit!r}; use one of {', '.join(EDITS)}.")
+        raise UsageError(f"Unknown edit {edit!r}; use one of {', '.join(EDITS)}.")
     if edit == "orthogonalize" and layers is not None:
-        raise ValueError("edit='orthogonalize' edits every residual writer (all layers); "
+        raise UsageError("edit='orthogonalize' edits every residual writer (all layers); "
                          "leave layers=None or use edit='project' for chosen layers.")
     toxic_prompts = [toxic_prompts] if isinstance(toxic_prompts, str) else list(toxic_prompts)
     neutral_prompts = ([neutral_prompts] if isinstance(neutral_prompts, str)
                        else list(neutral_prompts))
     if not toxic_prompts and not neutral_prompts:
-        raise ValueError("Pass some toxic_prompts (and optionally neutral_prompts) to continue.")
+        raise UsageError("Pass some toxic_prompts (and optionally neutral_prompts) to continue.")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError("Pass a tokenizer (the model has none).")
+        raise UsageError("Pass a tokenizer (the model has none).")
     if not is_bridge(model) and not _is_hooked_transformer(model):
         from pruning_bridge.bridge import HookBridge
 
         model = HookBridge(model, tokenizer)
     if is_bridge(model) and model.tokenizer is None:
-        raise ValueError("The HookBridge has no tokenizer; build it with HookBridge(model, tok).")
+        raise UsageError("The HookBridge has no tokenizer; build it with HookBridge(model, tok).")
     if probe is not None:
         if not hasattr(probe, "probes_"):
-            raise ValueError("The probe is not fitted: call probe.fit(acts, labels) first.")
+            raise UsageError("The probe is not fitted: call probe.fit(acts, labels) first.")
         probe_layer = probe.best_layer_ if probe_layer is None else int(probe_layer)
     score = get_scorer(scorer)
     common = dict(prompts={"toxic": toxic_prompts, "neutral": neutral_prompts}, scorer=score,

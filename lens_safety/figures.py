@@ -16,6 +16,8 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from pruning_bridge.common.errors import UsageError
+
 CLASSES = ("neutral", "biased", "toxic")
 COLORS = {"neutral": "#2ca02c", "biased": "#ff7f0e", "toxic": "#d62728"}
 
@@ -27,13 +29,13 @@ def projection_histogram(acts_layer, labels: Sequence[str], direction,
     x = torch.as_tensor(acts_layer).detach().double().cpu()
     d = torch.as_tensor(direction).detach().double().cpu().reshape(-1)
     if x.ndim != 2:
-        raise ValueError(f"acts_layer must be [n, d_model]; got shape {tuple(x.shape)}.")
+        raise UsageError(f"acts_layer must be [n, d_model]; got shape {tuple(x.shape)}.")
     if x.shape[1] != d.shape[0]:
-        raise ValueError(f"The direction has width {d.shape[0]} but the activations have "
+        raise UsageError(f"The direction has width {d.shape[0]} but the activations have "
                          f"d_model {x.shape[1]}.")
     labels = list(labels)
     if len(labels) != x.shape[0]:
-        raise ValueError(f"{len(labels)} labels for {x.shape[0]} activation rows.")
+        raise UsageError(f"{len(labels)} labels for {x.shape[0]} activation rows.")
     proj = (x @ (d / d.norm())).numpy()
     labels_arr = np.array(labels, dtype=object)
     present = [c for c in CLASSES if c in labels] + sorted(
@@ -60,7 +62,7 @@ def tradeoff_figure(rows: Sequence[dict], title: str = "Toxicity vs perplexity")
     rows' ``before_*`` values) as a star."""
     rows = [r for r in rows if r.get("toxicity_toxic") is not None]
     if not rows:
-        raise ValueError("No rows with toxicity_toxic to plot.")
+        raise UsageError("No rows with toxicity_toxic to plot.")
     has_ppl = all(r.get("perplexity") is not None for r in rows)
     xs = [r["perplexity"] if has_ppl else r.get("alpha") or 0.0 for r in rows]
     fig = go.Figure()

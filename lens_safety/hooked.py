@@ -16,6 +16,8 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained import weight_conversions as conversions
 
+from pruning_bridge.common.errors import UsageError
+
 SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3")
 
 
@@ -38,7 +40,7 @@ def hooked_config(hf_config, n_ctx: int | None = None) -> HookedTransformerConfi
             default_prepend_bos=False, dtype=torch.float32,
         )
     if kind not in SUPPORTED:
-        raise ValueError(f"No TransformerLens conversion for model_type {kind!r}; supported: "
+        raise UsageError(f"No TransformerLens conversion for model_type {kind!r}; supported: "
                          f"{', '.join(SUPPORTED)}.")
     n_heads = hf_config.num_attention_heads
     d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
@@ -98,7 +100,7 @@ def load_hooked(spec, dtype=None, device=None, n_ctx: int | None = None) -> Hook
       model (its ``.tokenizer`` attribute, if any, is used; else no tokenizer) or a
       ``(model, tokenizer)`` pair, converted with :func:`hooked_from_hf`.
     """
-    from pruning_bridge.models import ModelLoadError, resolve_dtype, load_model
+    from pruning_bridge.models import ModelLoadError, load_model, resolve_dtype
 
     torch_dtype = resolve_dtype(dtype)
     if not isinstance(spec, (str, os.PathLike)):

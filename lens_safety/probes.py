@@ -24,6 +24,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from pruning_bridge.common.errors import UsageError
+
 from .prompts import HARMFUL_LABELS
 
 TASKS = ("binary", "multiclass")
@@ -36,7 +38,7 @@ def binary_labels(labels: Sequence) -> np.ndarray:
     if labels.dtype.kind in "USO":
         unknown = sorted(set(labels.tolist()) - {"neutral", *HARMFUL_LABELS})
         if unknown:
-            raise ValueError(f"Unknown label(s) {unknown[:5]}; expected neutral, biased, toxic.")
+            raise UsageError(f"Unknown label(s) {unknown[:5]}; expected neutral, biased, toxic.")
         return np.isin(labels, HARMFUL_LABELS).astype(np.int64)
     return (labels != 0).astype(np.int64)
 
@@ -52,15 +54,15 @@ def check_data(acts: np.ndarray, labels: np.ndarray, ndim: int = 3) -> None:
     """Clear errors for empty data, a shape mismatch, or a single class."""
     if acts.ndim != ndim:
         expected = "[n_layers, n_examples, d_model]" if ndim == 3 else "[n_examples, d_model]"
-        raise ValueError(f"Activations must be {expected}; got shape {tuple(acts.shape)}.")
+        raise UsageError(f"Activations must be {expected}; got shape {tuple(acts.shape)}.")
     n = acts.shape[-2]
     if n == 0 or len(labels) == 0:
-        raise ValueError("Empty data set: no examples to fit. Cache residuals for some prompts.")
+        raise UsageError("Empty data set: no examples to fit. Cache residuals for some prompts.")
     if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} examples: they must match one to one.")
+        raise UsageError(f"{len(labels)} labels for {n} examples: they must match one to one.")
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise ValueError(f"Only one class ({classes[0]!r}) in the labels: a probe or direction "
+        raise UsageError(f"Only one class ({classes[0]!r}) in the labels: a probe or direction "
                          f"needs both harmful and neutral examples.")
 
 
@@ -81,7 +83,7 @@ class LayerProbes:
     def __init__(self, task: str = "binary", n_splits: int = 5, C: float = 1.0, seed: int = 0,
                  max_iter: int = 2000, progress: bool = False):
         if task not in TASKS:
-            raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
+            raise UsageError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
         self.task, self.n_splits, self.C, self.seed = task, n_splits, C, seed
         self.max_iter, self.progress = max_iter, progress
 
@@ -100,12 +102,12 @@ class LayerProbes:
         check_data(X, y)
         classes, counts = np.unique(y, return_counts=True)
         if counts.min() < self.n_splits:
-            raise ValueError(f"n_splits={self.n_splits} needs at least {self.n_splits} examples "
+            raise UsageError(f"n_splits={self.n_splits} needs at least {self.n_splits} examples "
                              f"per class; class {classes[counts.argmin()]!r} has "
                              f"{counts.min()}. Add data or lower n_splits.")
         layers = list(range(len(X))) if layers is None else list(layers)
         if len(layers) != len(X):
-            raise ValueError(f"{len(layers)} layer names for {len(X)} rows of activations.")
+            raise UsageError(f"{len(layers)} layer names for {len(X)} rows of activations.")
         self.classes_ = classes
         self.chance_ = float(counts.max() / counts.sum())
         self.layers_ = layers
@@ -131,7 +133,7 @@ class LayerProbes:
             raise RuntimeError("Call fit(acts, labels) first.")
         layer = self.best_layer_ if layer is None else layer
         if layer not in self.layers_:
-            raise ValueError(f"No probe for layer {layer}; fitted layers: {self.layers_}.")
+            raise UsageError(f"No probe for layer {layer}; fitted layers: {self.layers_}.")
         return self.probes_[self.layers_.index(layer)].predict_proba(as_array(x))
 
     def figure(self, title: str | None = None):

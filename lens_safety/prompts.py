@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from pruning_bridge.common.errors import UsageError
 from pruning_bridge.evals.data import DataNotFoundError, load_hub_dataset
 
 LABELS = ("neutral", "biased", "toxic")
@@ -255,7 +256,7 @@ class PromptSet:
         self.prompts: list[Prompt] = list(prompts)
         bad = sorted({p.label for p in self.prompts} - set(LABELS))
         if bad:
-            raise ValueError(f"Unknown label(s) {bad}; valid labels are {list(LABELS)}.")
+            raise UsageError(f"Unknown label(s) {bad}; valid labels are {list(LABELS)}.")
 
     # ------------------------------------------------------------ loading
 
@@ -284,7 +285,7 @@ class PromptSet:
             or not isinstance(n_per_class, (int, np.integer))
             or n_per_class < 1
         ):
-            raise ValueError(
+            raise UsageError(
                 f"n_per_class must be a positive integer or None, got {n_per_class!r}."
             )
         pool = cls.pool(data_dir)
@@ -293,7 +294,7 @@ class PromptSet:
         if n_per_class is None:
             n_per_class = counts[smallest]
         if n_per_class > counts[smallest]:
-            raise ValueError(
+            raise UsageError(
                 f"n_per_class={n_per_class} is larger than the smallest class ({smallest!r} has "
                 f"{counts[smallest]} unique prompts; available: {counts}); the maximum is "
                 f"{counts[smallest]}."
@@ -380,10 +381,10 @@ class PromptSet:
         if isinstance(test_size, bool) or not isinstance(test_size, (int, float)) or not (
             0 < test_size < 1
         ):
-            raise ValueError(f"test_size must be a fraction strictly between 0 and 1, "
+            raise UsageError(f"test_size must be a fraction strictly between 0 and 1, "
                              f"got {test_size!r}.")
         if not self.prompts:
-            raise ValueError("Cannot split an empty PromptSet.")
+            raise UsageError("Cannot split an empty PromptSet.")
         units: dict[str, str] = {}  # text -> label of its first record, in first-seen order
         for p in self.prompts:
             units.setdefault(p.text, p.label)
@@ -393,7 +394,7 @@ class PromptSet:
             if not texts:
                 continue
             if len(texts) < 2:
-                raise ValueError(f"Label {label!r} has {len(texts)} distinct text; a stratified "
+                raise UsageError(f"Label {label!r} has {len(texts)} distinct text; a stratified "
                                  f"split needs at least 2 per label.")
             n_test = min(max(round(test_size * len(texts)), 1), len(texts) - 1)
             test_texts.update(random.Random(f"{seed}/{label}").sample(texts, n_test))

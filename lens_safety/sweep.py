@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from pruning_bridge.common.errors import UsageError
 from pruning_bridge.common.results import ResultsLog
 
 from .evaluation import evaluate_edit
@@ -47,7 +48,7 @@ def alpha_sweep(model, tokenizer, direction, alphas: Sequence[float], *,
     if include_project:
         settings_list.append(("project", None))
     if not settings_list:
-        raise ValueError("Nothing to sweep: pass some alphas or include_project=True.")
+        raise UsageError("Nothing to sweep: pass some alphas or include_project=True.")
     log = ResultsLog(out)
     settings = _settings(toxic_prompts, neutral_prompts, window, max_windows,
                          dict(evaluate_edit_kwargs, subtract_hooks=list(subtract_hooks),

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from pruning_bridge.common.errors import UsageError
+
 Scorer = Callable[[list[str]], list[float]]
 
 SCORERS = ("profanity", "detoxify")
@@ -72,7 +74,7 @@ def get_scorer(name_or_callable: str | Scorer = "profanity") -> Scorer:
         return profanity_scorer()
     if name == "detoxify" or name.startswith("detoxify:"):
         return detoxify_scorer(name.partition(":")[2] or "original")
-    raise ValueError(f"Unknown toxicity scorer {name!r}; use one of {', '.join(SCORERS)} "
+    raise UsageError(f"Unknown toxicity scorer {name!r}; use one of {', '.join(SCORERS)} "
                      f"(or 'detoxify:<model>'), or pass a callable list[str] -> list[float].")
 
 

@@ -9,7 +9,7 @@ perplexity), ``pruning`` (layers and weights), ``heads`` (routing, importance, r
 # keep these attribute names (importing a submodule later would rebind them to the module).
 from . import head_sweep, layer_sweep, weight_sweep  # noqa: F401  isort: skip
 from .bridge import ActivationCache, HookBridge, UnknownHookError, UnsupportedArchitectureError
-from .common import ResultsLog, save_figure
+from .common import ResultsLog, UsageError, save_figure
 from .evals import (DataNotFoundError, EvalResult, GSM8KProblem, MMLUQuestion, gsm8k_accuracy,
                     load_gsm8k, load_mmlu, load_wikitext2, mmlu_accuracy, mmlu_subset, perplexity)
 from .heads import (HeadRouter, HeadStudy, RoutedHeads, RouterTrainingError, RouterTrainingLog,
@@ -25,7 +25,7 @@ __all__ = [
     "ActivationCache", "DataNotFoundError", "EvalResult", "GSM8KProblem", "HeadRouter",
     "HeadStudy", "HookBridge", "MMLUQuestion", "ModelLoadError", "ResultsLog", "RoutedHeads",
     "RouterTrainingError", "RouterTrainingLog", "SparsityReport", "UnknownHookError",
-    "UnsupportedArchitectureError", "block_influence", "drop_layers", "gradient_head_importance",
+    "UnsupportedArchitectureError", "UsageError", "block_influence", "drop_layers", "gradient_head_importance",
     "gsm8k_accuracy", "head_counts", "head_sweep", "heads_to_remove", "input_norms",
     "layer_sweep", "load_balancing_loss", "load_gsm8k", "load_head_pruned", "load_mmlu",
     "load_model", "load_wikitext2", "magnitude_prune", "mean_gate_importance", "mmlu_accuracy",

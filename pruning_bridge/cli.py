@@ -11,10 +11,10 @@ from .evals import EvalResult
 
 
 def _evaluate(args: argparse.Namespace) -> EvalResult:
-    from .evals.data import load_wikitext2
     from .evals import default_window, gsm8k_accuracy, mmlu_accuracy, perplexity
-    from .models import load_model
+    from .evals.data import load_wikitext2
     from .evals.tasks import perplexity_batch
+    from .models import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     common = dict(seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size)
@@ -94,8 +94,8 @@ def _add_common(p, tasks_default: str,
 
 def _run_layers(args: argparse.Namespace) -> int:
     from .figures import layer_removal_figure, save_figure
-    from .pruning.layer_sweep import layer_sweep
     from .models import load_model
+    from .pruning.layer_sweep import layer_sweep
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     rows = layer_sweep(model, tokenizer, args.tasks, layers=_ints(args.layers), out=args.out,
@@ -154,8 +154,12 @@ def _add_weights(sub) -> None:
 
 
 def _run_heads(args: argparse.Namespace) -> int:
-    from .figures import (head_importance_figure, head_pruning_figure, router_loss_figure,
-                          save_figure)
+    from .figures import (
+        head_importance_figure,
+        head_pruning_figure,
+        router_loss_figure,
+        save_figure,
+    )
     from .heads.study import run_head_study
     from .models import load_model
 
@@ -215,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run its subcommand; bad input prints one clear line and returns 2."""
     from .evals.data import DataNotFoundError
-    from .models import ModelLoadError
     from .heads.training import RouterTrainingError
+    from .models import ModelLoadError
 
     args = parser.parse_args(argv)
     try:

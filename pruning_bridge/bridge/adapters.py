@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..common.errors import UsageError
+
 Views = dict[str, Tensor]
 
 
@@ -186,7 +188,7 @@ ADAPTERS: dict[str, Callable] = {
 }
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UsageError):
     """The model's architecture has no adapter."""
 
 

@@ -23,14 +23,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .adapters import Adapter, adapter_for
+from ..common.errors import UsageError
 from ..common.tokens import position_ids as mask_position_ids
+from .adapters import Adapter, adapter_for
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Names = Iterable[str] | Callable[[str], bool] | None
 
 
-class UnknownHookError(KeyError):
+class UnknownHookError(KeyError, UsageError):
     """A hook name that the bridge does not provide; the message lists the closest ones."""
 
     def __str__(self) -> str:  # KeyError would quote the message
@@ -117,7 +118,7 @@ class HookBridge:
             inputs = [inputs]
         if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str):
             if self.tokenizer is None:
-                raise ValueError("Pass a tokenizer to HookBridge to run on text.")
+                raise UsageError("Pass a tokenizer to HookBridge to run on text.")
             side = self.tokenizer.padding_side
             self.tokenizer.padding_side = "left"
             try:
@@ -250,7 +251,7 @@ class HookBridge:
         """``(logits, cache)`` with ``cache[name]`` for each requested name (default: all)."""
         names = self.resolve(names)
         if not names:
-            raise ValueError("No hook names selected to cache.")
+            raise UsageError("No hook names selected to cache.")
         return self.forward(inputs, attention_mask, names=names, **kwargs)
 
     @contextmanager
@@ -264,10 +265,6 @@ class HookBridge:
             yield self
         finally:
             del self._hooks[start:]
-
-    def reset_hooks(self) -> None:
-        """Remove every active hook (for use outside ``with bridge.hooks(...)`` blocks)."""
-        self._hooks.clear()
 
     @torch.no_grad()
     def generate(self, inputs=None, max_new_tokens: int = 20, attention_mask: Tensor | None = None,

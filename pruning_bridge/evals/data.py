@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+from ..common.errors import UsageError
+
 T = TypeVar("T")
 
 _HUB_HINT = (
@@ -52,7 +54,7 @@ class GSM8KProblem:
     target: float
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(FileNotFoundError, UsageError):
     """A data set is neither in the given local directory nor reachable on the hub."""
 
 
@@ -87,7 +89,7 @@ def load_hub_dataset(what: str, *args: str, hint: str = _HUB_HINT, **kwargs: str
 
 def _check_split(split: str, allowed: Sequence[str], dataset: str) -> None:
     if split not in allowed:
-        raise ValueError(f"Unknown {dataset} split {split!r}; choose one of {list(allowed)}.")
+        raise UsageError(f"Unknown {dataset} split {split!r}; choose one of {list(allowed)}.")
 
 
 # ---------------------------------------------------------------- GSM8K target
@@ -99,10 +101,10 @@ def gsm8k_target(solution: str) -> float:
     """Parse the gold number after the last ``#### `` of a GSM8K answer (``"1,000"`` -> 1000.0)."""
     marks = re.findall(r"####[ \t]*([^\n]*)", solution)
     if not marks:
-        raise ValueError(f"No '#### <number>' found in GSM8K answer: {solution[-80:]!r}")
+        raise UsageError(f"No '#### <number>' found in GSM8K answer: {solution[-80:]!r}")
     text = marks[-1].strip().replace(",", "").replace("$", "")
     if not _NUMBER.fullmatch(text):
-        raise ValueError(f"Could not parse a number after '####' in {marks[-1]!r}")
+        raise UsageError(f"Could not parse a number after '####' in {marks[-1]!r}")
     return float(text)
 
 
@@ -137,7 +139,7 @@ def _select_subjects(available: Sequence[str], subjects: Sequence[str] | None) -
     if unknown:
         hints = {s: difflib.get_close_matches(s, available, n=3, cutoff=0.5) for s in unknown}
         detail = "; ".join(f"{s!r} (did you mean {h}?)" if h else repr(s) for s, h in hints.items())
-        raise ValueError(f"Unknown MMLU subject(s): {detail}. Valid subjects: {sorted(available)}")
+        raise UsageError(f"Unknown MMLU subject(s): {detail}. Valid subjects: {sorted(available)}")
     return sorted(set(subjects))
 
 
@@ -148,7 +150,7 @@ def _read_mmlu_csv(subject: str, path: Path) -> list[MMLUQuestion]:
     questions = []
     for i, row in enumerate(rows):
         if len(row) != 6 or row[5].strip() not in _ANSWER_LETTERS:
-            raise ValueError(f"{path}: row {i} is not question,A,B,C,D,answer-letter: {row!r}")
+            raise UsageError(f"{path}: row {i} is not question,A,B,C,D,answer-letter: {row!r}")
         questions.append(
             MMLUQuestion(
                 id=f"{subject}/{i}",
@@ -257,7 +259,7 @@ def sample(items: Sequence[T], n: int | None, seed: int = 0) -> list[T]:
     if n is None or n >= len(items):
         return list(items)
     if n < 0:
-        raise ValueError(f"n must be >= 0 or None, got {n}")
+        raise UsageError(f"n must be >= 0 or None, got {n}")
     keep = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in keep]
 
@@ -295,7 +297,7 @@ def mmlu_subset(
     if n is None or n >= len(ordered):
         return ordered
     if n < 1:
-        raise ValueError(f"n must be >= 1 or None, got {n}")
+        raise UsageError(f"n must be >= 1 or None, got {n}")
     groups: dict[str, list[MMLUQuestion]] = defaultdict(list)
     for q in ordered:
         groups[q.subject].append(q)

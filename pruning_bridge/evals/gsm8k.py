@@ -14,6 +14,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..common.errors import UsageError
 from .data import GSM8KProblem, load_gsm8k, sample
 from .lm import batches_by_length, greedy_generate
 from .result import EvalResult
@@ -65,7 +66,7 @@ def gsm8k_accuracy(model, tokenizer: PreTrainedTokenizerBase,
     elif limit is not None:
         problems = list(problems)[:limit]
     if not problems:
-        raise ValueError("No GSM8K problems to evaluate.")
+        raise UsageError("No GSM8K problems to evaluate.")
     exemplars = sample(load_gsm8k("train", data_dir), shots, seed) if shots else []
     prompts = [gsm8k_prompt(p, exemplars) for p in problems]
     completions: list[str] = [""] * len(prompts)

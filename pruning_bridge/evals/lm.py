@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..common.errors import UsageError
 from ..common.tokens import encode_batch, model_device, position_ids
 
 
@@ -46,7 +47,7 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), to waste little padding."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}.")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 

@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .data import MMLUQuestion, load_mmlu, mmlu_subset
+from ..common.errors import UsageError
 from ..common.tokens import encode_batch
+from .data import MMLUQuestion, load_mmlu, mmlu_subset
 from .lm import batches_by_length, forward_logits
 from .result import EvalResult
 
@@ -77,7 +78,7 @@ def mmlu_prompts(tokenizer: PreTrainedTokenizerBase,
     elif limit is not None:
         questions = list(questions)[:limit]
     if not questions:
-        raise ValueError("No MMLU questions to evaluate.")
+        raise UsageError("No MMLU questions to evaluate.")
     dev = defaultdict(list)
     if shots:
         for d in load_mmlu("dev", data_dir, subjects=sorted({q.subject for q in questions})):

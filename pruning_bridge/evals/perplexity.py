@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..common.errors import UsageError
 from .lm import forward_logits
 
 
@@ -29,13 +30,13 @@ def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, window: int,
                   max_windows: int | None = None) -> torch.Tensor:
     """``[n_windows, window]`` token ids: the whole text tokenized once, cut without overlap."""
     if window < 2:
-        raise ValueError(f"window must be at least 2 tokens, got {window}.")
+        raise UsageError(f"window must be at least 2 tokens, got {window}.")
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     n_windows = len(ids) // window
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
-        raise ValueError(f"The text has {len(ids)} tokens, fewer than one window of {window}; "
+        raise UsageError(f"The text has {len(ids)} tokens, fewer than one window of {window}; "
                          f"pass a smaller window or a longer text.")
     return ids[: n_windows * window].view(n_windows, window)
 

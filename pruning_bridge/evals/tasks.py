@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..common.errors import UsageError
 from .data import load_wikitext2
 from .gsm8k import gsm8k_accuracy
 from .mmlu import mmlu_accuracy
@@ -19,7 +20,7 @@ def parse_tasks(tasks) -> list[str]:
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"Unknown or no tasks {unknown or tasks}; choose from {', '.join(TASKS)}.")
+        raise UsageError(f"Unknown or no tasks {unknown or tasks}; choose from {', '.join(TASKS)}.")
     return list(dict.fromkeys(tasks))
 
 

@@ -28,13 +28,10 @@ from typing import Mapping, Sequence
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
-from transformers import (
-    CONFIG_MAPPING,
-    MODEL_FOR_CAUSAL_LM_MAPPING,
-    AutoModelForCausalLM,
-    PretrainedConfig,
-)
+from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM,
+                          PretrainedConfig)
 
+from ..common.errors import OutOfRangeError, UsageError
 from ..pruning.layers import decoder_layers
 
 
@@ -122,16 +119,16 @@ def _check_heads(heads_by_layer: Mapping[int, Sequence[int]],
     for layer, heads in heads_by_layer.items():
         layer = int(layer)
         if not 0 <= layer < n:
-            raise IndexError(f"Layer {layer} is out of range for a model with {n} layers "
+            raise OutOfRangeError(f"Layer {layer} is out of range for a model with {n} layers "
                              f"(valid: 0..{n - 1}).")
         heads = sorted({int(h) for h in heads})
         n_q = counts[layer][0]
         bad = [h for h in heads if not 0 <= h < n_q]
         if bad:
-            raise IndexError(f"Head indices {bad} are out of range for layer {layer}, which has "
+            raise OutOfRangeError(f"Head indices {bad} are out of range for layer {layer}, which has "
                              f"{n_q} query heads (valid: 0..{n_q - 1}).")
         if len(heads) == n_q:
-            raise ValueError(f"Removing all {n_q} heads of layer {layer} leaves no attention; "
+            raise UsageError(f"Removing all {n_q} heads of layer {layer} leaves no attention; "
                              f"keep at least one head, or remove the whole layer with "
                              f"pruning_bridge.pruning.layers.drop_layers.")
         if heads:
@@ -250,13 +247,13 @@ def heads_to_remove(importance, fraction: float, *,
     """
     scores = torch.as_tensor(importance).detach().to("cpu", torch.float64)
     if scores.ndim != 2:
-        raise ValueError(f"importance must be [n_layers, n_heads]; got {tuple(scores.shape)}.")
+        raise UsageError(f"importance must be [n_layers, n_heads]; got {tuple(scores.shape)}.")
     if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be in [0, 1]; got {fraction}.")
+        raise UsageError(f"fraction must be in [0, 1]; got {fraction}.")
     n_layers, n_heads = scores.shape
     size = kv_groups or 1
     if n_heads % size:
-        raise ValueError(f"kv_groups={kv_groups} does not divide the {n_heads} heads per layer.")
+        raise UsageError(f"kv_groups={kv_groups} does not divide the {n_heads} heads per layer.")
     units = scores.reshape(n_layers, n_heads // size, size).sum(-1)
     k = math.floor(fraction * units.numel() + 0.5)
     protected = units.argmax(dim=1).tolist()
@@ -264,7 +261,7 @@ def heads_to_remove(importance, fraction: float, *,
                         for layer in range(n_layers) for unit in range(units.shape[1])
                         if unit != protected[layer])
     if k > len(candidates):
-        raise ValueError(f"Removing {k} of {units.numel()} {'groups' if kv_groups else 'heads'} "
+        raise UsageError(f"Removing {k} of {units.numel()} {'groups' if kv_groups else 'heads'} "
                          f"would empty a layer; at most {len(candidates)} can go (one per "
                          f"layer stays).")
     chosen: dict[int, list[int]] = {}

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..bridge import HookBridge
+from ..common.errors import UsageError
+from ..common.layers import check_layers
 
 
 def load_balancing_loss(router_probs: Tensor, topk_mask: Tensor) -> Tensor:
@@ -36,7 +38,7 @@ def load_balancing_loss(router_probs: Tensor, topk_mask: Tensor) -> Tensor:
     their probability mass, more than k; so minimising it spreads tokens over the heads.
     """
     if router_probs.shape != topk_mask.shape or router_probs.ndim != 2:
-        raise ValueError(f"router_probs and topk_mask must both be [tokens, routed_heads]; got "
+        raise UsageError(f"router_probs and topk_mask must both be [tokens, routed_heads]; got "
                          f"{tuple(router_probs.shape)} and {tuple(topk_mask.shape)}.")
     n_routed = router_probs.shape[-1]
     f = topk_mask.float().mean(0)
@@ -65,7 +67,7 @@ class HeadRouter(nn.Module):
                  generator: torch.Generator | None = None):
         super().__init__()
         if not 0 <= n_shared < n_heads:
-            raise ValueError(f"n_shared must be in [0, {n_heads - 1}] for {n_heads} heads, "
+            raise UsageError(f"n_shared must be in [0, {n_heads - 1}] for {n_heads} heads, "
                              f"got {n_shared}.")
         self.n_heads, self.n_shared = n_heads, n_shared
         self.weight = nn.Parameter(torch.empty(n_heads - n_shared, d_model, dtype=torch.float32))
@@ -117,10 +119,7 @@ class RoutedHeads(nn.Module):
         config = model_or_bridge.config
         d_model, n_heads = attention_dims(config)
         n_layers = config.num_hidden_layers
-        layers = list(range(n_layers)) if layers is None else sorted({int(i) for i in layers})
-        if not layers or not all(0 <= i < n_layers for i in layers):
-            raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, "
-                             f"got {layers}.")
+        layers = check_layers(layers, n_layers)
         n_routed = n_heads - n_shared
         top_k = (n_routed + 1) // 2 if top_k is None else top_k
         generator = torch.Generator().manual_seed(seed)
@@ -149,7 +148,7 @@ class RoutedHeads(nn.Module):
     @top_k.setter
     def top_k(self, value: int) -> None:
         if not 1 <= value <= self.n_routed:
-            raise ValueError(f"top_k must be in [1, {self.n_routed}] (the routed heads: "
+            raise UsageError(f"top_k must be in [1, {self.n_routed}] (the routed heads: "
                              f"{self.n_heads} heads - {self.n_shared} shared), got {value}.")
         self._top_k = int(value)
 
@@ -159,10 +158,6 @@ class RoutedHeads(nn.Module):
         routed = len(self.routers)
         per_routed = (self.n_shared + self.top_k) / self.n_heads
         return (routed * per_routed + (self.n_layers - routed)) / self.n_layers
-
-    def top_k_for(self, fraction: float) -> int:
-        """The ``top_k`` whose active head fraction (in routed layers) is nearest ``fraction``."""
-        return top_k_for(fraction, self.n_heads, self.n_shared)
 
     # ---------------------------------------------------------------- running
     def route(self, layer: int, resid_pre: Tensor) -> Routing:
@@ -255,7 +250,7 @@ class RoutedHeads(nn.Module):
         d_model, n_heads = attention_dims(model_or_bridge.config)
         n_layers = model_or_bridge.config.num_hidden_layers
         if (settings["n_heads"], settings["n_layers"]) != (n_heads, n_layers):
-            raise ValueError(f"The router in {path} was trained for {settings['n_layers']} "
+            raise UsageError(f"The router in {path} was trained for {settings['n_layers']} "
                              f"layers x {settings['n_heads']} heads; this model has "
                              f"{n_layers} x {n_heads}.")
         router = cls(model_or_bridge, settings["n_shared"], settings["top_k"], settings["layers"])

@@ -18,6 +18,7 @@ from typing import Sequence
 from torch import Tensor, tensor
 
 from ..bridge import HookBridge
+from ..common.errors import UsageError
 from ..pruning.weight_sweep import calibration_texts
 from .importance import gradient_head_importance, mean_gate_importance
 from .routing import RoutedHeads, attention_dims, top_k_for
@@ -72,7 +73,7 @@ def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
     """
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
-        raise ValueError(f"Active head fractions must be in (0, 1], got {bad}.")
+        raise UsageError(f"Active head fractions must be in (0, 1], got {bad}.")
     start = time.perf_counter()
     out = Path(out)
     bridge = HookBridge(model, tokenizer)

@@ -21,6 +21,7 @@ from typing import Mapping
 import torch
 
 from ..bridge import HookBridge
+from ..common.errors import UsageError
 from ..common.results import ResultsLog, row_key
 from ..evals.tasks import METRICS, evaluate, parse_tasks, task_settings
 from .removal import heads_to_remove, remove_heads
@@ -48,7 +49,7 @@ def head_sweep(model, tokenizer, routers: Mapping[float, RoutedHeads], importanc
     """Evaluate the full model, then routed and removed heads at each active fraction.
 
     ``routers`` maps each target fraction (0, 1] to the router trained for it (see
-    ``RoutedHeads.top_k_for``). ``importance`` (``[n_layers, n_heads]``, e.g. a router's mean
+    ``top_k_for``). ``importance`` (``[n_layers, n_heads]``, e.g. a router's mean
     gates) ranks heads for removal. ``limit`` is one number for every task or a dict per task
     (``{"mmlu": 57, "perplexity": 4}``). The model is never changed: removal happens on a copy,
     routing through hooks.
@@ -56,7 +57,7 @@ def head_sweep(model, tokenizer, routers: Mapping[float, RoutedHeads], importanc
     tasks = parse_tasks(tasks)
     bad = [f for f in routers if not 0 < f <= 1]
     if bad:
-        raise ValueError(f"Active head fractions must be in (0, 1], got {bad}.")
+        raise UsageError(f"Active head fractions must be in (0, 1], got {bad}.")
     log = ResultsLog(out)
     limits = limit if isinstance(limit, dict) else dict.fromkeys(tasks, limit)
     settings = {task: task_settings(task, model, limit=limits.get(task), window=window,

@@ -23,11 +23,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..bridge import HookBridge
+from ..common.errors import UsageError
 from ..common.jsonable import JsonDataclass
 from .routing import RoutedHeads
 
 
-class RouterTrainingError(RuntimeError):
+class RouterTrainingError(RuntimeError, UsageError):
     """Training hit a non-finite value; the message names the step and the layer."""
 
 
@@ -72,7 +73,7 @@ def training_windows(tokenizer, texts: Sequence[str], seq_len: int) -> Tensor:
         stream += tokenizer(text)["input_ids"] + ([eos] if eos is not None else [])
     n = len(stream) // seq_len
     if n == 0:
-        raise ValueError(f"The texts give {len(stream)} tokens, fewer than one window of "
+        raise UsageError(f"The texts give {len(stream)} tokens, fewer than one window of "
                          f"{seq_len}; pass more text or a smaller seq_len.")
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
 
@@ -81,18 +82,6 @@ def lm_loss(logits: Tensor, windows: Tensor) -> Tensor:
     """Mean next-token cross-entropy, in fp32."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                            windows[:, 1:].flatten().to(logits.device))
-
-
-def routed_lm_loss(router: RoutedHeads, bridge: HookBridge, windows: Tensor,
-                   batch_size: int = 4) -> float:
-    """Mean LM loss of the routed model over ``windows`` (no gradients)."""
-    total, count = 0.0, 0
-    with router.routing(bridge):
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start:start + batch_size]
-            total += lm_loss(bridge(batch), batch).item() * len(batch)
-            count += len(batch)
-    return total / count
 
 
 def _check_finite(router: RoutedHeads, step: int, lm: Tensor, dtype: torch.dtype) -> None:
@@ -205,7 +194,7 @@ def _resume(out: Path, router: RoutedHeads, optimizer, log: RouterTrainingLog) -
     state = torch.load(path, weights_only=False)
     if state["settings"]["layers"] != router.layers or state["settings"]["n_shared"] != \
             router.n_shared:
-        raise ValueError(f"{path} holds a router for other settings ({state['settings']}); "
+        raise UsageError(f"{path} holds a router for other settings ({state['settings']}); "
                          f"use another output directory or delete it.")
     router.load_state_dict(state["router"])
     optimizer.load_state_dict(state["optimizer"])

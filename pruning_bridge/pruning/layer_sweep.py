@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bridge import HookBridge
+from ..common.layers import check_layers
 from ..common.results import ResultsLog
 from ..common.tokens import encode_batch
 from ..evals.data import load_wikitext2
@@ -24,7 +25,7 @@ from ..evals.lm import batches_by_length
 from ..evals.mmlu import context_length, letter_token_ids, mmlu_prompts, mmlu_result
 from ..evals.perplexity import nll_sum, token_windows
 from ..evals.tasks import METRICS, evaluate, parse_tasks, perplexity_batch, task_settings
-from .layers import _check_layers, decoder_layers, prefix_reused_logits, skip_layers
+from .layers import decoder_layers, prefix_reused_logits, skip_layers
 
 METHOD = "layer_removal"
 
@@ -84,7 +85,7 @@ def layer_sweep(model, tokenizer, tasks=("mmlu", "perplexity"), layers: Sequence
     """
     tasks = parse_tasks(tasks)
     n_layers = len(decoder_layers(model))
-    layers = list(range(n_layers)) if layers is None else _check_layers(layers, n_layers)
+    layers = check_layers(layers, n_layers)
     log = ResultsLog(out)
     bridge = None
     for task in tasks:

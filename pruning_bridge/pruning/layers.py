@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,24 +18,14 @@ from tqdm.auto import tqdm
 
 from ..bridge import HookBridge
 from ..bridge.adapters import adapter_for
+from ..common.errors import UsageError
+from ..common.layers import check_layers
 from ..common.tokens import position_ids
 
 
 def decoder_layers(model) -> nn.ModuleList:
     """The model's ``ModuleList`` of decoder blocks."""
     return model.get_submodule(adapter_for(model).layers)
-
-
-def _check_layers(layers: Iterable[int], n_layers: int, allow_all: bool = False) -> list[int]:
-    layers = sorted(set(int(i) for i in layers))
-    bad = [i for i in layers if not -n_layers <= i < n_layers]
-    if bad:
-        raise IndexError(f"Layer indices {bad} are out of range for a model with {n_layers} "
-                         f"layers (valid: 0..{n_layers - 1}, or negative from the end).")
-    layers = sorted({i % n_layers for i in layers})
-    if not allow_all and len(layers) == n_layers:
-        raise ValueError(f"Removing all {n_layers} layers leaves no model; keep at least one.")
-    return layers
 
 
 @contextmanager
@@ -47,7 +37,7 @@ def skip_layers(model_or_bridge, layers: Sequence[int], tokenizer=None) -> Itera
     """
     bridge = (model_or_bridge if isinstance(model_or_bridge, HookBridge)
               else HookBridge(model_or_bridge, tokenizer))
-    layers = _check_layers(layers, bridge.adapter.n_layers)
+    layers = check_layers(layers, bridge.adapter.n_layers, allow_all=False)
     saved: dict[int, torch.Tensor] = {}
 
     def keep(layer: int):
@@ -76,7 +66,7 @@ def drop_layers(model, layers: Sequence[int]):
     """
     blocks = decoder_layers(model)
     n = len(blocks)
-    drop = set(_check_layers(layers, n))
+    drop = set(check_layers(layers, n, allow_all=False))
     kept = [block for i, block in enumerate(blocks) if i not in drop]
     blocks_path = adapter_for(model).layers
     parent_path, _, attr = blocks_path.rpartition(".")
@@ -155,7 +145,7 @@ def block_influence(model, tokenizer, texts: Sequence[str], batch_size: int = 8,
     candidates for removal.
     """
     if not texts:
-        raise ValueError("block_influence needs at least one text.")
+        raise UsageError("block_influence needs at least one text.")
     bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
     n = bridge.adapter.n_layers
     names = [f"blocks.{i}.hook_resid_{k}" for i in range(n) for k in ("pre", "post")]

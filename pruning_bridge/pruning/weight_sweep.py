@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
+from ..common.errors import UsageError
 from ..common.results import ResultsLog
 from ..evals.data import DataNotFoundError, load_hub_dataset
 from ..evals.tasks import METRICS, evaluate, parse_tasks, task_settings
@@ -60,7 +61,7 @@ def weight_sweep(model, tokenizer, tasks=("mmlu", "perplexity"),
     tasks = parse_tasks(tasks)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"Unknown pruning methods {unknown}; choose from {', '.join(METHODS)}.")
+        raise UsageError(f"Unknown pruning methods {unknown}; choose from {', '.join(METHODS)}.")
     log = ResultsLog(out)
     norms = None
     configs = [("dense", {"sparsity": 0.0})] + [

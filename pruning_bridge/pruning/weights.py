@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..bridge.adapters import UnsupportedArchitectureError
+from ..common.errors import UsageError
 from ..evals.lm import forward_logits
 
 Patterns = str | Sequence[str] | None
@@ -69,7 +70,7 @@ def prunable_linears(model: nn.Module, include: Patterns = None,
                 and not any(re.search(p, name) for p in exclude)}
     if not selected:
         examples = ", ".join(list(candidates)[:6])
-        raise ValueError(f"No prunable layer matches include={include} exclude={exclude}. The "
+        raise UsageError(f"No prunable layer matches include={include} exclude={exclude}. The "
                          f"patterns are regular expressions searched in names such as: "
                          f"{examples} ({len(candidates)} in all).")
     return selected
@@ -90,7 +91,7 @@ def _check_sparsity(sparsity: float) -> None:
     if isinstance(sparsity, bool) or not isinstance(sparsity, Real) or not 0 <= sparsity < 1:
         percent = isinstance(sparsity, Real) and 1 <= sparsity < 100
         hint = f" (did you mean {sparsity / 100:g}?)" if percent else ""
-        raise ValueError(f"sparsity must be a fraction in [0, 1), e.g. 0.5 to zero half of the "
+        raise UsageError(f"sparsity must be a fraction in [0, 1), e.g. 0.5 to zero half of the "
                          f"weights; got {sparsity!r}{hint}.")
 
 
@@ -121,7 +122,7 @@ def _kth_smallest_abs(weights: Sequence[Tensor], k: int) -> Tensor:
     """
     dtypes = {w.dtype for w in weights}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _BITS:
-        raise ValueError(f"Global magnitude pruning needs one floating dtype in all selected "
+        raise UsageError(f"Global magnitude pruning needs one floating dtype in all selected "
                          f"matrices; found {sorted(map(str, dtypes))}.")
     dtype = dtypes.pop()
     bits = _BITS[dtype]
@@ -176,7 +177,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "per_matrix"
     """
     _check_sparsity(sparsity)
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}.")
+        raise UsageError(f"scope must be one of {SCOPES}; got {scope!r}.")
     weights = {name: m.weight for name, m in prunable_linears(model, include, exclude).items()}
     if scope == "global":
         return _global_masks(weights, sparsity)
@@ -196,7 +197,7 @@ def input_norms(model: nn.Module, tokenizer, texts: Sequence[str], include: Patt
     blocks ``0..i-1``.)
     """
     if isinstance(texts, str) or not texts:
-        raise ValueError("texts must be a non-empty list of calibration strings.")
+        raise UsageError("texts must be a non-empty list of calibration strings.")
     linears = prunable_linears(model, include, exclude)
     sums = {name: torch.zeros(_rows(m).shape[1], dtype=torch.float64, device=m.weight.device)
             for name, m in linears.items()}
@@ -228,7 +229,7 @@ def _scores(model: nn.Module, norms: Mapping[str, Tensor] | None, include: Patte
         score = _rows(module).abs()
         if norms is not None:
             if name not in norms:
-                raise ValueError(f"No input norms for {name}: compute input_norms with the same "
+                raise UsageError(f"No input norms for {name}: compute input_norms with the same "
                                  f"include/exclude as the masks.")
             dtype = torch.promote_types(score.dtype, torch.float32)  # as Wanda: fp16 W, fp32 X
             score = score.to(dtype) * norms[name].to(score.device, dtype)
@@ -256,12 +257,12 @@ def nm_masks(model: nn.Module, n: int = 2, m: int = 4, norms: Mapping[str, Tenso
     ``n`` largest by ``|W|`` (or by Wanda's score when ``norms`` from ``input_norms`` are given).
     """
     if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
-        raise ValueError(f"An N:M pattern keeps n of every m weights, 1 <= n < m; got {n}:{m}.")
+        raise UsageError(f"An N:M pattern keeps n of every m weights, 1 <= n < m; got {n}:{m}.")
     masks = {}
     for name, module, score in _scores(model, norms, include, exclude):
         out_features, in_features = score.shape
         if in_features % m:
-            raise ValueError(f"{n}:{m} sparsity needs the input width to be a multiple of {m}, "
+            raise UsageError(f"{n}:{m} sparsity needs the input width to be a multiple of {m}, "
                              f"but {name} has {in_features} input features (weight shape "
                              f"{tuple(module.weight.shape)}). Exclude it or pick another m.")
         groups = _smallest(score.reshape(-1, m), m - n)
@@ -339,10 +340,10 @@ def _masked_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, 
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         if name not in modules or not isinstance(getattr(modules[name], "weight", None), Tensor):
-            raise ValueError(f"The mask {name!r} names no module with a weight in this model.")
+            raise UsageError(f"The mask {name!r} names no module with a weight in this model.")
         weight = modules[name].weight
         if mask.dtype != torch.bool or mask.shape != weight.shape:
-            raise ValueError(f"The mask of {name} must be a bool tensor of shape "
+            raise UsageError(f"The mask of {name} must be a bool tensor of shape "
                              f"{tuple(weight.shape)}; got {mask.dtype} {tuple(mask.shape)}.")
     return {name: modules[name] for name in masks}
 
