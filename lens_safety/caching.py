@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -28,25 +29,10 @@ from tqdm.auto import tqdm
 from pruning_bridge.common import check_layers, left_pad, model_device
 from pruning_bridge.common.errors import UsageError
 
+from .backend import dims, embedding_weight, run_with_cache
+
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 POOLS = ("last", "mean")
-
-
-# ---------------------------------------------------------------- either backend
-
-
-def is_bridge(model) -> bool:
-    """True for a ``pruning_bridge.HookBridge`` (else: a TransformerLens ``HookedTransformer``)."""
-    from pruning_bridge.bridge import HookBridge
-
-    return isinstance(model, HookBridge)
-
-
-def model_dims(model) -> tuple[int, int]:
-    """``(n_layers, d_model)`` of a HookBridge or HookedTransformer."""
-    if is_bridge(model):
-        return model.adapter.n_layers, model.config.hidden_size
-    return model.cfg.n_layers, model.cfg.d_model
 
 
 def hook_name(layer: int, hook: str) -> str:
@@ -55,19 +41,6 @@ def hook_name(layer: int, hook: str) -> str:
     if short not in HOOKS:
         raise UsageError(f"Unknown residual hook {hook!r}; use one of {', '.join(HOOKS)}.")
     return f"blocks.{layer}.hook_{short}"
-
-
-def run_with_cache(model, ids: Tensor, attention_mask: Tensor,
-                   names: list[str]) -> dict[str, Tensor]:
-    """The activations at ``names`` for padded ``ids``, on a HookBridge or HookedTransformer."""
-    if is_bridge(model):
-        _, cache = model.run_with_cache(ids, names, attention_mask=attention_mask)
-        return dict(cache)
-    last = max(int(name.split(".")[1]) for name in names)
-    with torch.no_grad():  # stop after the last block needed: no unembedding, no later blocks
-        _, cache = model.run_with_cache(ids, names_filter=names, attention_mask=attention_mask,
-                                        stop_at_layer=last + 1, return_cache_object=False)
-    return {name: cache[name] for name in names}
 
 
 # ---------------------------------------------------------------- pooling
@@ -92,8 +65,7 @@ def pool_batch(acts: Tensor, attention_mask: Tensor, pool: str) -> Tensor:
 def _fingerprint(model, tokenizer, texts: Sequence[str], hook: str, pool: str,
                  layers: list[int], max_length: int) -> dict[str, str]:
     """What a stored cache must match: settings, texts, tokenizer and the embedding weights."""
-    hf = model.model if is_bridge(model) else None
-    embed = hf.get_input_embeddings().weight if hf is not None else model.W_E
+    embed = embedding_weight(model)
     texts_hash = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
     weights_hash = hashlib.sha256(embed.detach().float().cpu().numpy().tobytes()).hexdigest()
     return {"hook": hook, "pool": pool, "layers": json.dumps(layers),
@@ -105,8 +77,6 @@ def _fingerprint(model, tokenizer, texts: Sequence[str], hook: str, pool: str,
 def _load_store(path: Path, expected: dict[str, str]) -> Tensor | None:
     if not path.exists():
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         found = f.metadata() or {}
     if found != expected:
@@ -138,7 +108,7 @@ def cache_residuals(model, tokenizer, texts: Sequence[str], hook: str = "resid_p
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise UsageError("Pass a tokenizer (the model has none).")
-    n_layers, d_model = model_dims(model)
+    n_layers, d_model = dims(model)
     layers = check_layers(layers, n_layers)
     names = [hook_name(layer, hook) for layer in layers]
     hook = hook.removeprefix("hook_")

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from pruning_bridge.common import check_layers
 from pruning_bridge.common.errors import UsageError
 
-from .caching import HOOKS, hook_name, is_bridge, model_dims
+from .backend import dims, edited, hf_model, residual_hooks, residual_writers, tied_head
+from .caching import hook_name
 
 MODES = ("project", "subtract")
 
@@ -57,13 +58,16 @@ def project_out(x: Tensor, d: Tensor, axis: int = -1) -> Tensor:
 
 @contextmanager
 def ablate(model, direction, layers: Sequence[int] | None = None,
-           hooks: Sequence[str] = HOOKS, mode: str = "project", alpha: float = 1.0) -> Iterator:
+           hooks: Sequence[str] | None = None, mode: str = "project",
+           alpha: float = 1.0) -> Iterator:
     """Remove (``project``: ``x - (x.d) d``) or subtract (``x - alpha d``) the unit-normalised
-    ``direction`` at ``blocks.L.hook_{h}`` for each layer L (default: all) and hook h."""
+    ``direction`` at ``blocks.L.hook_{h}`` for each layer L (default: all) and hook h (default:
+    every residual hook the model has, see ``backend.residual_hooks``)."""
     if mode not in MODES:
         raise UsageError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
-    n_layers, d_model = model_dims(model)
+    n_layers, d_model = dims(model)
     d = unit_direction(direction, d_model)
+    hooks = residual_hooks(model) if hooks is None else hooks
     names = [hook_name(layer, hook) for layer in check_layers(layers, n_layers) for hook in hooks]
 
     def edit(x: Tensor) -> Tensor:
@@ -71,76 +75,11 @@ def ablate(model, direction, layers: Sequence[int] | None = None,
             return project_out(x, d)
         return (x.float() - alpha * d.to(x.device)).to(x.dtype)
 
-    if is_bridge(model):
-        with model.hooks([(name, lambda x, name: edit(x)) for name in names]):
-            yield model
-    else:
-        with model.hooks(fwd_hooks=[(name, lambda x, hook: edit(x)) for name in names]):
-            yield model
+    with edited(model, names, edit):
+        yield model
 
 
 # ---------------------------------------------------------------- weight orthogonalisation
-
-
-def _is_hooked_transformer(model) -> bool:
-    return hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "embed")
-
-
-def _hf_model(model) -> nn.Module:
-    return model.model if is_bridge(model) else model
-
-
-def residual_writers(model) -> list[tuple[nn.Parameter, int]]:
-    """Every parameter that writes to the residual stream, with its d_model axis.
-
-    HookedTransformer: W_E, W_pos (standard positions), W_O, b_O, W_out, b_out. Hugging Face
-    Llama / Qwen2 / Qwen3: embed_tokens, o_proj, down_proj (and their biases); GPT-2: wte, wpe,
-    attn.c_proj, mlp.c_proj (``Conv1D``: ``[in, out]``) and their biases.
-    """
-    writers: list[tuple[nn.Parameter, int]] = []
-    if _is_hooked_transformer(model):
-        writers.append((model.embed.W_E, -1))
-        if model.cfg.positional_embedding_type == "standard":
-            writers.append((model.pos_embed.W_pos, -1))
-        for block in model.blocks:
-            for module, names in ((block.attn, ("W_O", "b_O")),
-                                  (getattr(block, "mlp", None), ("W_out", "b_out"))):
-                for name in names:
-                    if module is not None and getattr(module, name, None) is not None:
-                        writers.append((getattr(module, name), -1))
-        return writers
-    hf = _hf_model(model)
-    kind = getattr(hf.config, "model_type", None)
-    writers.append((hf.get_input_embeddings().weight, -1))
-    if kind == "gpt2":
-        writers.append((hf.transformer.wpe.weight, -1))
-        for block in hf.transformer.h:
-            for conv in (block.attn.c_proj, block.mlp.c_proj):  # Conv1D weight: [in, d_model]
-                writers += [(conv.weight, -1), (conv.bias, -1)]
-        return writers
-    layers = getattr(getattr(hf, "model", None), "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj")
-                                 and hasattr(getattr(layer, "mlp", None), "down_proj")
-                                 for layer in layers):
-        raise UsageError(f"orthogonalize supports HookedTransformer and HF GPT-2 / Llama / Qwen2 / "
-                         f"Qwen3 models (o_proj and mlp.down_proj per layer); got {kind!r}.")
-    for layer in layers:
-        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):  # Linear weight: [d_model, in]
-            writers.append((linear.weight, 0))
-            if linear.bias is not None:
-                writers.append((linear.bias, -1))
-    return writers
-
-
-def _tied_head(model) -> nn.Module | None:
-    """The HF output head when it shares its weight with the input embedding, else None."""
-    if _is_hooked_transformer(model):
-        return None
-    hf = _hf_model(model)
-    head = hf.get_output_embeddings()
-    if head is not None and head.weight is hf.get_input_embeddings().weight:
-        return head
-    return None
 
 
 def _orthogonalize_weights(writers, d: Tensor) -> None:
@@ -156,10 +95,10 @@ def orthogonalize(model, direction) -> Iterator:
     A tied output head (GPT-2, Qwen3, SmolLM2) gets its own copy of the embedding for the block,
     so the unembedding is unchanged; every weight and the tie are restored exactly on exit.
     """
-    d = unit_direction(direction, model_dims_any(model)[1])
-    writers = _unique(residual_writers(model))
+    d = unit_direction(direction, dims(model)[1])
+    writers = residual_writers(model)
     saved = [param.detach().clone() for param, _ in writers]
-    head = _tied_head(model)
+    head = tied_head(model)
     shared = head.weight if head is not None else None
     try:
         if head is not None:
@@ -176,25 +115,12 @@ def orthogonalize(model, direction) -> Iterator:
 
 def orthogonalize_permanently(model, direction):
     """:func:`orthogonalize` for good (a tied output head is untied first); returns ``model``."""
-    d = unit_direction(direction, model_dims_any(model)[1])
-    writers = _unique(residual_writers(model))
-    head = _tied_head(model)
+    d = unit_direction(direction, dims(model)[1])
+    writers = residual_writers(model)
+    head = tied_head(model)
     if head is not None:
         head.weight = nn.Parameter(head.weight.detach().clone(),
                                    requires_grad=head.weight.requires_grad)
-        _hf_model(model).config.tie_word_embeddings = False  # save/load keeps them separate
+        hf_model(model).config.tie_word_embeddings = False  # save/load keeps them separate
     _orthogonalize_weights(writers, d)
     return model
-
-
-def _unique(writers: list[tuple[nn.Parameter, int]]) -> list[tuple[nn.Parameter, int]]:
-    seen: set[int] = set()
-    return [(p, a) for p, a in writers if not (id(p) in seen or seen.add(id(p)))]
-
-
-def model_dims_any(model) -> tuple[int, int]:
-    """``(n_layers, d_model)`` of a HookBridge, HookedTransformer or HF causal LM."""
-    if is_bridge(model) or _is_hooked_transformer(model):
-        return model_dims(model)
-    config = model.config
-    return config.num_hidden_layers, config.hidden_size

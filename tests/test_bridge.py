@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lens_safety.hooked import hooked_from_hf
-from pruning_bridge.bridge.adapters import UnsupportedArchitectureError
+from pruning_bridge.bridge import UnsupportedArchitectureError
 from pruning_bridge.bridge import HookBridge, UnknownHookError
 
 PROMPTS = ["The quick brown fox jumps over", "Hello"]  # padded batch: different lengths
@@ -257,12 +257,11 @@ def test_unknown_hook_name_lists_close_names(bridges):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import OPTConfig, OPTForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64,
-                                             vocab_size=100))
-    with pytest.raises(UnsupportedArchitectureError, match="gpt2, llama, qwen2, qwen3"):
+    model = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     ffn_dim=64, vocab_size=100, word_embed_proj_dim=32))
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2, gpt_neox, llama, mistral, qwen2, qwen3"):
         HookBridge(model)
 
 

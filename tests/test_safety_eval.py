@@ -9,7 +9,8 @@ import torch
 
 from lens_safety.caching import cache_residuals
 from lens_safety.editing import ablate
-from lens_safety.evaluation import EditReport, evaluate_edit, generate_continuations
+from lens_safety.backend import greedy_continuations as generate_continuations
+from lens_safety.evaluation import EditReport, evaluate_edit
 from lens_safety.hooked import load_hooked
 from lens_safety.probes import LayerProbes
 from lens_safety.toxicity import get_scorer, profanity_scorer

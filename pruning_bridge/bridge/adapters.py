@@ -1,8 +1,9 @@
-"""Where each TransformerLens hook point lives in a Hugging Face model, per architecture.
+"""Where each TransformerLens hook point lives in a Hugging Face model, built from the table.
 
 An adapter lists, for one decoder layer, the module inputs/outputs ("points") that the bridge
 touches, in the order the model executes them, and how each raw value maps to the hook names it
-provides (``split``) and back (``merge``). Adding an architecture means writing one such list.
+provides (``split``) and back (``merge``). It is derived from the family's entry in
+``architectures.ARCHITECTURES``: a new family needs no code here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..common.errors import UsageError
+from .architectures import (Architecture, UnsupportedArchitectureError, architecture_of,
+                            model_dims)
 
 Views = dict[str, Tensor]
 
@@ -92,17 +94,59 @@ def _resid_mid():
     return split, merge
 
 
+def _fused_qkv(layout: str, d_head: int):
+    """Point functions for one projection holding q, k and v: ``"stacked"`` as
+    ``[q | k | v]`` (GPT-2), ``"per_head"`` as ``[head, (q, k, v), d_head]`` (GPT-NeoX)."""
+    names = ("attn.hook_q", "attn.hook_k", "attn.hook_v")
+
+    def parts(x: Tensor) -> list[Tensor]:
+        if layout == "stacked":
+            return [p.reshape(*x.shape[:-1], -1, d_head) for p in x.chunk(3, dim=-1)]
+        return list(x.view(*x.shape[:-1], -1, 3 * d_head).chunk(3, dim=-1))
+
+    def split(raw, ctx):
+        return dict(zip(names, parts(_first(raw))))
+
+    def merge(raw, views, ctx):
+        x = _first(raw)
+        new = [views.get(name, old) for name, old in zip(names, parts(x))]
+        if layout == "stacked":
+            flat = torch.cat([p.reshape(*x.shape[:-1], -1) for p in new], -1)
+        else:
+            flat = torch.cat(new, -1).reshape(x.shape)
+        return _replace_first(raw, flat.to(x.dtype))
+
+    return split, merge
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """The hook-point layout of one architecture family."""
+    """The hook points of one model: its family's table entry and one layer's points."""
 
-    family: str
-    layers: str  # path of the decoder ModuleList
-    embed: str  # token embedding module
-    final_norm: str  # final norm module
+    arch: Architecture
     n_layers: int
     layer_points: tuple[Point, ...]
-    norm_kind: str  # "rms" or "layer"
+    parallel: bool  # attention and MLP read the same input: no hook_resid_mid
+
+    @property
+    def family(self) -> str:
+        return self.arch.family
+
+    @property
+    def layers(self) -> str:
+        return self.arch.blocks
+
+    @property
+    def embed(self) -> str:
+        return self.arch.embed
+
+    @property
+    def final_norm(self) -> str:
+        return self.arch.final_norm
+
+    @property
+    def norm_kind(self) -> str:
+        return self.arch.norm
 
     def normalized(self, norm: torch.nn.Module, x: Tensor) -> Tensor:
         """The final norm's input, normalised but before its learned scale (TransformerLens)."""
@@ -120,85 +164,41 @@ class Adapter:
         return out + norm.bias if getattr(norm, "bias", None) is not None else out
 
 
-def _llama_like(model, family: str) -> Adapter:
-    cfg = model.config
-    n_heads = cfg.num_attention_heads
-    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    q, qm = _heads(d_head)  # query, key and value heads alike (GQA has fewer kv heads)
-    points = (
+def _layer_points(arch: Architecture, d_head: int, parallel: bool) -> tuple[Point, ...]:
+    """One layer's points in execution order, from the family's table entry."""
+    heads, heads_merge = _heads(d_head)  # query, key and value heads alike (GQA: fewer kv)
+    if arch.qkv_layout == "separate":
+        qkv = tuple(Point(path, "output", (name,), *_named(name, heads, heads_merge))
+                    for path, name in zip(arch.qkv, ("attn.hook_q", "attn.hook_k",
+                                                     "attn.hook_v")))
+    else:
+        qkv = (Point(arch.qkv[0], "output", ("attn.hook_q", "attn.hook_k", "attn.hook_v"),
+                     *_fused_qkv(arch.qkv_layout, d_head)),)
+    resid_mid = () if parallel else (
+        Point(arch.attention, "output", ("hook_resid_mid",), *_resid_mid(),
+              needs=("resid_pre",)),)
+    return (
         Point("", "input", ("hook_resid_pre",), *_named("hook_resid_pre", _plain, _plain_merge),
               key="resid_pre"),
-        Point("self_attn.q_proj", "output", ("attn.hook_q",), *_named("attn.hook_q", q, qm)),
-        Point("self_attn.k_proj", "output", ("attn.hook_k",), *_named("attn.hook_k", q, qm)),
-        Point("self_attn.v_proj", "output", ("attn.hook_v",), *_named("attn.hook_v", q, qm)),
-        Point("self_attn.o_proj", "input", ("attn.hook_z",), *_named("attn.hook_z", q, qm)),
-        Point("self_attn", "output", ("hook_attn_out",),
+        *qkv,
+        Point(arch.attn_out, "input", ("attn.hook_z",), *_named("attn.hook_z", heads,
+                                                                  heads_merge)),
+        Point(arch.attention, "output", ("hook_attn_out",),
               *_named("hook_attn_out", _plain, _plain_merge)),
-        Point("self_attn", "output", ("hook_resid_mid",), *_resid_mid(), needs=("resid_pre",)),
-        Point("mlp", "output", ("hook_mlp_out",), *_named("hook_mlp_out", _plain, _plain_merge)),
+        *resid_mid,
+        Point(arch.mlp, "output", ("hook_mlp_out",),
+              *_named("hook_mlp_out", _plain, _plain_merge)),
         Point("", "output", ("hook_resid_post",),
               *_named("hook_resid_post", _plain, _plain_merge)),
     )
-    return Adapter(family, "model.layers", "model.embed_tokens", "model.norm",
-                   cfg.num_hidden_layers, points, "rms")
-
-
-def _gpt2(model) -> Adapter:
-    cfg = model.config
-    n_heads, d_model = cfg.n_head, cfg.n_embd
-    d_head = d_model // n_heads
-    z, zm = _heads(d_head)
-
-    def qkv_split(raw, ctx):  # c_attn's output is [q | k | v], each heads * d_head wide
-        x = _first(raw)
-        q, k, v = x.chunk(3, dim=-1)
-        shape = (*x.shape[:-1], -1, d_head)
-        return {"attn.hook_q": q.reshape(shape), "attn.hook_k": k.reshape(shape),
-                "attn.hook_v": v.reshape(shape)}
-
-    def qkv_merge(raw, views, ctx):
-        x = _first(raw)
-        parts = dict(zip(("attn.hook_q", "attn.hook_k", "attn.hook_v"), x.chunk(3, -1)))
-        for name, value in views.items():
-            parts[name] = value.reshape(*x.shape[:-1], -1)
-        return _replace_first(raw, torch.cat(list(parts.values()), -1).to(x.dtype))
-
-    points = (
-        Point("", "input", ("hook_resid_pre",), *_named("hook_resid_pre", _plain, _plain_merge),
-              key="resid_pre"),
-        Point("attn.c_attn", "output", ("attn.hook_q", "attn.hook_k", "attn.hook_v"),
-              qkv_split, qkv_merge),
-        Point("attn.c_proj", "input", ("attn.hook_z",), *_named("attn.hook_z", z, zm)),
-        Point("attn", "output", ("hook_attn_out",),
-              *_named("hook_attn_out", _plain, _plain_merge)),
-        Point("attn", "output", ("hook_resid_mid",), *_resid_mid(), needs=("resid_pre",)),
-        Point("mlp", "output", ("hook_mlp_out",), *_named("hook_mlp_out", _plain, _plain_merge)),
-        Point("", "output", ("hook_resid_post",),
-              *_named("hook_resid_post", _plain, _plain_merge)),
-    )
-    return Adapter("gpt2", "transformer.h", "transformer.wte", "transformer.ln_f",
-                   cfg.n_layer, points, "layer")
-
-
-ADAPTERS: dict[str, Callable] = {
-    "llama": lambda m: _llama_like(m, "llama"),
-    "qwen2": lambda m: _llama_like(m, "qwen2"),
-    "qwen3": lambda m: _llama_like(m, "qwen3"),
-    "gpt2": _gpt2,
-}
-
-
-class UnsupportedArchitectureError(UsageError):
-    """The model's architecture has no adapter."""
 
 
 def adapter_for(model) -> Adapter:
-    """The adapter for ``model``'s architecture (its ``config.model_type``)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise UnsupportedArchitectureError(
-            f"HookBridge has no adapter for model_type {model_type!r}. Supported: "
-            f"{', '.join(sorted(ADAPTERS))}. To add one, write a function returning an Adapter "
-            f"(the decoder layers' module paths in execution order; see "
-            f"pruning_bridge/adapters.py) and register it in pruning_bridge.bridge.adapters.ADAPTERS.")
-    return ADAPTERS[model_type](model)
+    """The adapter for ``model``'s family (its entry in the architecture table)."""
+    arch = architecture_of(model)
+    dims = model_dims(model)
+    parallel = arch.parallel(model.config)
+    return Adapter(arch, dims.n_layers, _layer_points(arch, dims.d_head, parallel), parallel)
+
+
+__all__ = ["Adapter", "Point", "UnsupportedArchitectureError", "adapter_for"]

@@ -21,6 +21,7 @@ from copy import deepcopy
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+from nnsight import LanguageModel
 from torch import Tensor
 
 from ..common.errors import UsageError
@@ -60,8 +61,6 @@ class HookBridge:
     """TransformerLens hook names, caching and hooks on an HF model (Llama, Qwen2, Qwen3, GPT-2)."""
 
     def __init__(self, model, tokenizer=None):
-        from nnsight import LanguageModel
-
         self.model = model
         self.tokenizer = tokenizer
         self.adapter: Adapter = adapter_for(model)
@@ -93,7 +92,8 @@ class HookBridge:
 
     # ---------------------------------------------------------------- names
     def resolve(self, names: Names) -> list[str]:
-        """Hook names (a list, a predicate, or None for all) checked and in execution order."""
+        """Hook names checked and in execution order: a list, a predicate, or None for all of
+        them (as everywhere in the bridge; an empty list selects none)."""
         if names is None:
             return list(self.hook_names)
         if callable(names):
@@ -104,9 +104,12 @@ class HookBridge:
         for name in names:
             if name not in self._order:
                 close = difflib.get_close_matches(name, self.hook_names, n=5, cutoff=0.6)
+                why = (" Its attention and MLP both read hook_resid_pre (parallel residual), "
+                       "so there is no hook_resid_mid, as in TransformerLens."
+                       if name.endswith("hook_resid_mid") and self.adapter.parallel else "")
                 raise UnknownHookError(
                     f"Unknown hook name {name!r} for this {self.adapter.family} model with "
-                    f"{self.adapter.n_layers} layers."
+                    f"{self.adapter.n_layers} layers." + why
                     + (f" Closest valid names: {', '.join(close)}." if close else "")
                     + " See bridge.hook_names for all of them.")
         return sorted(names, key=self._order.__getitem__)
@@ -216,7 +219,8 @@ class HookBridge:
                 **kwargs) -> tuple[Tensor, ActivationCache]:
         """Logits (with the active hooks applied) and a cache of ``names``.
 
-        Runs without autograd unless ``grad=True`` (then gradients flow to anything the hooks
+        ``names`` selects what to cache as everywhere in the bridge (None: every hook point);
+        the default, an empty tuple, caches nothing. Runs without autograd unless ``grad=True`` (then gradients flow to anything the hooks
         use, e.g. a trained router, and to the model's parameters that require them).
         """
         with torch.set_grad_enabled(grad):
@@ -227,7 +231,7 @@ class HookBridge:
         ids, attention_mask = self.to_tokens(input_ids, attention_mask)
         if position_ids is None:
             position_ids = mask_position_ids(attention_mask)
-        cached = set(self.resolve(names)) if names else set()
+        cached = set(self.resolve(names))
         hooks = self._group(self._hooks)
         model_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         if logits_to_keep:

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..bridge import HookBridge
-from .routing import RoutedHeads, attention_dims
+from ..bridge import HookBridge, model_dims
+from .routing import RoutedHeads
 from .training import frozen, lm_loss
 
 
@@ -38,8 +38,8 @@ def gradient_head_importance(model, tokenizer, windows: Tensor, batch_size: int 
     comparing heads across layers. The model is not changed.
     """
     bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
-    n_layers = bridge.config.num_hidden_layers
-    _, n_heads = attention_dims(bridge.config)
+    dims = model_dims(bridge.config)
+    n_layers, n_heads = dims.n_layers, dims.n_heads
     mask = torch.ones(n_layers, n_heads, device=bridge.device, requires_grad=True)
     hooks = [(f"blocks.{layer}.attn.hook_z",
               lambda z, name, layer=layer: z.float() * mask[layer][:, None])

@@ -1,17 +1,18 @@
 """Physical attention-head removal: fewer query heads, smaller projections, less compute.
 
-- ``remove_heads``: delete query heads in place by shrinking q/k/v/o (GPT-2: c_attn/c_proj).
+- ``remove_heads``: delete query heads in place by shrinking the q/k/v and output projections
+  (fused ones too: GPT-2's c_attn, GPT-NeoX's query_key_value; see the architecture table).
   Exact: the pruned model computes what the full model computes with those heads' outputs
   zeroed at the output projection's input. Grouped-query attention is respected: a kv head
   whose query heads are all gone is removed too, and when the kept query heads spread unevenly
   over the kept kv heads (say 1 and 2), kv heads are replicated so that every kv head serves
   the same number of query heads, as HF's attention (``num_key_value_groups``) requires
   (a later removal counts such replicas as one kv head again).
-- ``load_head_pruned``: reload a saved model whose per-layer layout the standard config cannot
-  express (layers that differ, or a GPT-2 with fewer heads: its head size is always
-  ``n_embd / n_head``);
-  such configs carry ``head_layout = [[n_query, n_kv], ...]``. Other pruned models reload with
-  plain ``from_pretrained``.
+- A saved model whose per-layer layout the standard config cannot express (layers that
+  differ, or a GPT-2 / GPT-NeoX with fewer heads: their head size is always
+  ``hidden_size / num_attention_heads``) carries ``config.head_layout = [[n_query, n_kv], ...]``
+  and reloads with ``pruning_bridge.models.load_head_pruned`` (or ``load_model``). Other pruned
+  models reload with plain ``from_pretrained``.
 - ``heads_to_remove``: the globally least important heads (or whole kv groups) for a fraction.
 - ``head_counts``: ``(query, kv)`` heads per layer.
 
@@ -22,78 +23,17 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import Mapping, Sequence
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from torch import Tensor, nn
-from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM,
-                          PretrainedConfig)
 
+from ..bridge import head_counts, model_dims, select_heads
+from ..bridge.architectures import kv_copies
 from ..common.errors import OutOfRangeError, UsageError
-from ..pruning.layers import decoder_layers
+from ..models import load_head_pruned
 
-
-def _attentions(model) -> list[nn.Module]:
-    """Each decoder layer's self-attention module (GPT-2: ``attn``, others: ``self_attn``)."""
-    name = "attn" if model.config.model_type == "gpt2" else "self_attn"
-    return [getattr(block, name) for block in decoder_layers(model)]
-
-
-def head_counts(model) -> list[tuple[int, int]]:
-    """``(query heads, key/value heads)`` of every layer, read from the projection shapes."""
-    if model.config.model_type == "gpt2":
-        return [(a.num_heads, a.num_heads) for a in _attentions(model)]
-    return [(a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim)
-            for a in _attentions(model)]
-
-
-def _head_index(heads: Tensor, head_dim: int) -> Tensor:
-    """Positions of ``heads`` in a flat ``n_heads * head_dim`` dimension."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-
-
-def _replace(module: nn.Module, weight: Tensor, bias: Tensor | None = None) -> None:
-    """Give a ``Linear`` or GPT-2 ``Conv1D`` a new weight (and bias, if given) in place."""
-    module.weight = nn.Parameter(weight.contiguous(), module.weight.requires_grad)
-    if bias is not None:
-        module.bias = nn.Parameter(bias.contiguous(), module.bias.requires_grad)
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    else:  # Conv1D stores its weight [in, out]
-        module.nx, module.nf = weight.shape
-
-
-def _select_llama(attn: nn.Module, q_heads: Tensor, kv_heads: Tensor) -> None:
-    """Keep query heads ``q_heads`` and kv heads ``kv_heads`` (repeats allowed), in that order.
-
-    Query head ``i`` of the result uses kv head ``i // (len(q_heads) // len(kv_heads))``;
-    q_norm/k_norm act per head and are unchanged.
-    """
-    q, kv = _head_index(q_heads, attn.head_dim), _head_index(kv_heads, attn.head_dim)
-    for proj, rows in ((attn.q_proj, q), (attn.k_proj, kv), (attn.v_proj, kv)):
-        _replace(proj, proj.weight[rows], None if proj.bias is None else proj.bias[rows])
-    _replace(attn.o_proj, attn.o_proj.weight[:, q])
-    attn.num_key_value_groups = len(q_heads) // len(kv_heads)
-
-
-def _select_gpt2(attn: nn.Module, heads: Tensor) -> None:
-    """Keep ``heads`` of a GPT-2 attention: their q, k and v columns of c_attn, rows of c_proj."""
-    cols = _head_index(heads, attn.head_dim)
-    qkv = torch.cat([cols, cols + attn.split_size, cols + 2 * attn.split_size])
-    _replace(attn.c_attn, attn.c_attn.weight[:, qkv], attn.c_attn.bias[qkv])
-    _replace(attn.c_proj, attn.c_proj.weight[cols])
-    attn.num_heads, attn.split_size = len(heads), len(heads) * attn.head_dim
-
-
-def _kv_copies(attn: nn.Module) -> list[int]:
-    """For each kv head, the first kv head with identical k/v weights (replicas count as one)."""
-    n_kv = attn.k_proj.out_features // attn.head_dim
-    params = [p for proj in (attn.k_proj, attn.v_proj) for p in (proj.weight, proj.bias)
-              if p is not None]
-    rows = torch.cat([p.reshape(n_kv, -1) for p in params], dim=1)
-    return [next(i for i in range(j + 1) if torch.equal(rows[i], rows[j])) for j in range(n_kv)]
+__all__ = ["head_counts", "heads_to_remove", "load_head_pruned", "remove_heads"]
 
 
 def _gqa_plan(kept: list[int], groups: int, copies: list[int]) -> tuple[list[int], list[int]]:
@@ -130,7 +70,7 @@ def _check_heads(heads_by_layer: Mapping[int, Sequence[int]],
         if len(heads) == n_q:
             raise UsageError(f"Removing all {n_q} heads of layer {layer} leaves no attention; "
                              f"keep at least one head, or remove the whole layer with "
-                             f"pruning_bridge.pruning.layers.drop_layers.")
+                             f"pruning_bridge.pruning.drop_layers.")
         if heads:
             plan[layer] = heads
     return plan
@@ -160,7 +100,7 @@ def _standard_config(config, layout: list[list[int]], head_dim: int):
 def _record_layout(model) -> None:
     """Make the config describe the model: standard fields if they can, else ``head_layout``."""
     config = model.config
-    head_dim = _attentions(model)[0].head_dim
+    head_dim = model_dims(model).d_head
     if hasattr(config, "head_dim"):
         config.head_dim = head_dim  # never recomputed as hidden_size / num_attention_heads
     layout = [list(c) for c in head_counts(model)]
@@ -185,52 +125,14 @@ def remove_heads(model, heads_by_layer: Mapping[int, Sequence[int]]):
     ``save_pretrained`` + ``from_pretrained`` reloads the model, or, when the layout needs
     ``config.head_layout`` (see the module docstring), ``load_head_pruned`` does.
     """
-    attentions = _attentions(model)
     counts = head_counts(model)
     plan = _check_heads(heads_by_layer, counts)  # everything is checked before any change
     for layer, removed in plan.items():
         n_q, n_kv = counts[layer]
         kept = sorted(set(range(n_q)) - set(removed))
-        if model.config.model_type == "gpt2":
-            _select_gpt2(attentions[layer], torch.tensor(kept))
-        else:
-            attn = attentions[layer]
-            q_heads, kv_heads = _gqa_plan(kept, n_q // n_kv, _kv_copies(attn))
-            _select_llama(attn, torch.tensor(q_heads), torch.tensor(kv_heads))
+        q_heads, kv_heads = _gqa_plan(kept, n_q // n_kv, kv_copies(model, layer))
+        select_heads(model, layer, q_heads, kv_heads)
     _record_layout(model)
-    return model
-
-
-def _apply_layout(model, layout: Sequence[Sequence[int]]) -> None:
-    """Give each layer the shapes of ``layout``; only shapes matter, weights are loaded after."""
-    for attn, (n_q, n_kv) in zip(_attentions(model), layout):
-        if model.config.model_type == "gpt2":
-            _select_gpt2(attn, torch.zeros(n_q, dtype=torch.long))
-        else:
-            _select_llama(attn, torch.zeros(n_q, dtype=torch.long),
-                          torch.zeros(n_kv, dtype=torch.long))
-
-
-def load_head_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` that also loads ``config.head_layout`` models.
-
-    A drop-in replacement (same arguments, hub ids and GGUF included). With a ``head_layout``
-    the usual model class is built, its attention shapes are set to the layout before the
-    weights load (so ``from_pretrained``'s options, e.g. ``dtype``, work as usual), and the
-    model is returned as an instance of that usual class.
-    """
-    config, _ = PretrainedConfig.get_config_dict(path, **from_pretrained_kwargs)
-    if config.get("head_layout") is None:
-        return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    base = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[config["model_type"]]]
-
-    def __init__(self, config, *args, **kwargs):
-        base.__init__(self, config, *args, **kwargs)
-        _apply_layout(self, config.head_layout)
-
-    model = type(base.__name__, (base,), {"__init__": __init__}).from_pretrained(
-        path, **from_pretrained_kwargs)
-    model.__class__ = base  # the subclass differs only in construction
     return model
 
 

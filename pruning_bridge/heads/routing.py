@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..bridge import HookBridge
+from ..bridge import HookBridge, model_dims
 from ..common.errors import UsageError
 from ..common.layers import check_layers
 
@@ -99,10 +99,9 @@ def top_k_for(fraction: float, n_heads: int, n_shared: int) -> int:
 
 
 def attention_dims(config) -> tuple[int, int]:
-    """``(d_model, n_heads)`` from a Llama/Qwen or GPT-2 config."""
-    d_model = getattr(config, "hidden_size", None) or config.n_embd
-    n_heads = getattr(config, "num_attention_heads", None) or config.n_head
-    return d_model, n_heads
+    """``(d_model, n_heads)`` of a config (see ``pruning_bridge.bridge.model_dims``)."""
+    dims = model_dims(config)
+    return dims.d_model, dims.n_heads
 
 
 class RoutedHeads(nn.Module):
@@ -117,8 +116,8 @@ class RoutedHeads(nn.Module):
                  layers: Sequence[int] | None = None, seed: int = 0):
         super().__init__()
         config = model_or_bridge.config
-        d_model, n_heads = attention_dims(config)
-        n_layers = config.num_hidden_layers
+        dims = model_dims(config)
+        d_model, n_heads, n_layers = dims.d_model, dims.n_heads, dims.n_layers
         layers = check_layers(layers, n_layers)
         n_routed = n_heads - n_shared
         top_k = (n_routed + 1) // 2 if top_k is None else top_k
@@ -247,8 +246,8 @@ class RoutedHeads(nn.Module):
             raise FileNotFoundError(f"No saved router in {path} (expected router.json and "
                                     f"router.pt, written by RoutedHeads.save).")
         settings = json.loads((path / "router.json").read_text())
-        d_model, n_heads = attention_dims(model_or_bridge.config)
-        n_layers = model_or_bridge.config.num_hidden_layers
+        dims = model_dims(model_or_bridge.config)
+        n_heads, n_layers = dims.n_heads, dims.n_layers
         if (settings["n_heads"], settings["n_layers"]) != (n_heads, n_layers):
             raise UsageError(f"The router in {path} was trained for {settings['n_layers']} "
                              f"layers x {settings['n_heads']} heads; this model has "

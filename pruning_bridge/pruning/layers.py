@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..bridge import HookBridge
-from ..bridge.adapters import adapter_for
+from ..bridge import HookBridge, architecture_of, blocks_of
 from ..common.errors import UsageError
 from ..common.layers import check_layers
 from ..common.tokens import position_ids
@@ -25,7 +24,7 @@ from ..common.tokens import position_ids
 
 def decoder_layers(model) -> nn.ModuleList:
     """The model's ``ModuleList`` of decoder blocks."""
-    return model.get_submodule(adapter_for(model).layers)
+    return blocks_of(model)
 
 
 @contextmanager
@@ -68,7 +67,7 @@ def drop_layers(model, layers: Sequence[int]):
     n = len(blocks)
     drop = set(check_layers(layers, n, allow_all=False))
     kept = [block for i, block in enumerate(blocks) if i not in drop]
-    blocks_path = adapter_for(model).layers
+    blocks_path = architecture_of(model).blocks
     parent_path, _, attr = blocks_path.rpartition(".")
     model.get_submodule(parent_path).__setattr__(attr, nn.ModuleList(kept))
     for new_idx, block in enumerate(kept):
@@ -84,13 +83,6 @@ def drop_layers(model, layers: Sequence[int]):
     return model
 
 
-def _layer_input_module(model) -> nn.Module:
-    """The module whose output is layer 0's input (token embeddings, or GPT-2's dropout)."""
-    if model.config.model_type == "gpt2":
-        return model.transformer.drop
-    return model.get_submodule(adapter_for(model).embed)
-
-
 class _Passthrough(nn.Module):
     """A decoder layer that returns its input (used only inside ``prefix_reused_logits``)."""
 
@@ -103,7 +95,8 @@ def _start_at(model, hidden: torch.Tensor, first: int) -> Iterator[None]:
     """Run ``model`` from ``hidden`` as layer ``first``'s input: earlier layers are bypassed."""
     blocks = decoder_layers(model)
     originals = [blocks[i] for i in range(first)]
-    handle = _layer_input_module(model).register_forward_hook(lambda m, a, o: hidden)
+    entry = model.get_submodule(architecture_of(model).layer_input)  # its output enters block 0
+    handle = entry.register_forward_hook(lambda module, args, output: hidden)
     try:
         for i in range(first):
             blocks[i] = _Passthrough()

@@ -21,31 +21,17 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..bridge.adapters import UnsupportedArchitectureError
+from ..bridge import architecture_of
 from ..common.errors import UsageError
 from ..evals.lm import forward_logits
 
 Patterns = str | Sequence[str] | None
-BLOCK_PATHS = ("model.layers", "transformer.h")  # Llama / Qwen2 / Qwen3 / Mistral, GPT-2
 SCOPES = ("per_matrix", "global")
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
          torch.bfloat16: torch.int16}
 
 
 # ---------------------------------------------------------------- which matrices
-
-
-def _blocks_path(model: nn.Module) -> str:
-    """The qualified name of the decoder blocks' ``ModuleList`` (``model.layers``, ...)."""
-    modules = dict(model.named_modules())
-    for path in BLOCK_PATHS:
-        if isinstance(modules.get(path), nn.ModuleList):
-            return path
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise UnsupportedArchitectureError(
-        f"Cannot find the decoder blocks of {model_type!r}: weight pruning looks for a ModuleList "
-        f"at one of {', '.join(BLOCK_PATHS)} (Llama, Qwen2/3, Mistral, GPT-2 layouts). Add the "
-        f"path of your model's blocks to pruning_bridge.pruning.weights.BLOCK_PATHS.")
 
 
 def _as_list(patterns: Patterns) -> list[str]:
@@ -61,7 +47,7 @@ def prunable_linears(model: nn.Module, include: Patterns = None,
     qualified name (``re.search``; a plain substring such as ``"mlp"`` is one): a layer is kept
     when it matches some ``include`` pattern (all layers if None) and no ``exclude`` pattern.
     """
-    blocks = _blocks_path(model) + "."
+    blocks = architecture_of(model).blocks + "."
     candidates = {name: module for name, module in model.named_modules()
                   if name.startswith(blocks) and isinstance(module, (nn.Linear, Conv1D))}
     include, exclude = _as_list(include), _as_list(exclude)

@@ -1,0 +1,176 @@
+"""The two backends the safety study runs on, and every difference between them, in one module.
+
+A model is a ``pruning_bridge.HookBridge`` (any supported Hugging Face family) or a
+TransformerLens ``HookedTransformer``; both speak TransformerLens hook names. The rest of
+``lens_safety`` asks this module for sizes, caching, hooks, generation, an LM for the
+evaluations, and the parameters that write to the residual stream, and never checks which
+backend it holds. (A plain Hugging Face model is accepted where noted and treated as the bridge
+would see it.)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pruning_bridge.bridge import HookBridge, architecture_of, model_dims
+from pruning_bridge.bridge import residual_writers as hf_residual_writers
+from pruning_bridge.common import model_device
+
+EditFn = Callable[[Tensor], Tensor]
+
+
+def is_bridge(model) -> bool:
+    """True for a ``HookBridge``."""
+    return isinstance(model, HookBridge)
+
+
+def is_hooked(model) -> bool:
+    """True for a TransformerLens ``HookedTransformer`` (or anything shaped like one)."""
+    return hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "embed")
+
+
+def hf_model(model) -> nn.Module:
+    """The Hugging Face model under a bridge (a plain HF model is itself)."""
+    return model.model if is_bridge(model) else model
+
+
+def dims(model) -> tuple[int, int]:
+    """``(n_layers, d_model)`` of a HookBridge, HookedTransformer or Hugging Face causal LM."""
+    if is_hooked(model):
+        return model.cfg.n_layers, model.cfg.d_model
+    sizes = model_dims(hf_model(model).config)
+    return sizes.n_layers, sizes.d_model
+
+
+def residual_hooks(model) -> tuple[str, ...]:
+    """The residual-stream hooks each block has: ``resid_pre``, ``resid_mid`` (unless attention
+    and MLP run in parallel, as in GPT-NeoX / Pythia) and ``resid_post``."""
+    if is_hooked(model):
+        parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+    else:
+        hf = hf_model(model)
+        parallel = architecture_of(hf).parallel(hf.config)
+    return ("resid_pre", "resid_post") if parallel else ("resid_pre", "resid_mid", "resid_post")
+
+
+def embedding_weight(model) -> Tensor:
+    """The token embedding matrix ``[vocab, d_model]`` (identifies a model's weights)."""
+    return model.W_E if is_hooked(model) else hf_model(model).get_input_embeddings().weight
+
+
+def run_with_cache(model, ids: Tensor, attention_mask: Tensor,
+                   names: list[str]) -> dict[str, Tensor]:
+    """The activations at ``names`` for padded ``ids`` (no gradients, nothing else cached)."""
+    if is_bridge(model):
+        _, cache = model.run_with_cache(ids, names, attention_mask=attention_mask)
+        return dict(cache)
+    last = max(int(name.split(".")[1]) for name in names)
+    with torch.no_grad():  # stop after the last block needed: no unembedding, no later blocks
+        _, cache = model.run_with_cache(ids, names_filter=names, attention_mask=attention_mask,
+                                        stop_at_layer=last + 1, return_cache_object=False)
+    return {name: cache[name] for name in names}
+
+
+@contextmanager
+def edited(model, names: Sequence[str], edit: EditFn) -> Iterator:
+    """Inside the block ``edit(x)`` replaces the activation at each hook name (forward and
+    generation)."""
+    if is_bridge(model):
+        with model.hooks([(name, lambda x, name: edit(x)) for name in names]):
+            yield model
+    else:
+        with model.hooks(fwd_hooks=[(name, lambda x, hook: edit(x)) for name in names]):
+            yield model
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20,
+                         batch_size: int = 8, progress: bool = False) -> list[str]:
+    """Greedy continuations of exactly ``max_new_tokens`` tokens (end-of-text suppressed), the
+    new text only; active hooks / edits apply. HookBridge: batched; HookedTransformer: per
+    prompt (no padding)."""
+    prompts = list(prompts)
+    out: list[str] = []
+    if is_bridge(model):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generating",
+                          disable=not progress):
+            out += model.generate(prompts[start:start + batch_size],
+                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                  return_text=True)
+        return out
+    device = model_device(model)
+    for prompt in tqdm(prompts, desc="generating", disable=not progress):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+        tokens = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                stop_at_eos=False, verbose=False, use_past_kv_cache=True)
+        out.append(tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
+
+
+class _HookedLM(nn.Module):
+    """A HookedTransformer seen as an HF-style LM for ``pruning_bridge.evals``: takes
+    ``input_ids`` / ``attention_mask`` and returns logits; padded rows are run one by one on
+    their real tokens only (so positions and attention never see padding)."""
+
+    def __init__(self, hooked):
+        super().__init__()
+        self.hooked = hooked
+        self.config = None
+
+    def parameters(self, recurse: bool = True):
+        return self.hooked.parameters(recurse)
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
+        if attention_mask is None or bool(attention_mask.all()):
+            return self.hooked(input_ids, return_type="logits")
+        out = None
+        for row in range(input_ids.shape[0]):
+            real = attention_mask[row].bool()
+            logits = self.hooked(input_ids[row][real][None], return_type="logits")[0]
+            if out is None:
+                out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
+            out[row, real] = logits
+        return out
+
+
+def as_lm(model):
+    """What ``pruning_bridge.evals`` calls: the bridge / HF model itself, or an adapter that
+    gives a HookedTransformer the HF call signature."""
+    return _HookedLM(model) if is_hooked(model) else model
+
+
+def residual_writers(model) -> list[tuple[nn.Parameter, int]]:
+    """Every parameter that writes to the residual stream, with its d_model axis.
+
+    HookedTransformer: W_E, W_pos (learned positions), W_O, b_O, W_out, b_out. Hugging Face
+    models (bare or under a bridge): the family's writers in the architecture table.
+    """
+    if not is_hooked(model):
+        return hf_residual_writers(hf_model(model))
+    writers = [(model.embed.W_E, -1)]
+    if model.cfg.positional_embedding_type == "standard":
+        writers.append((model.pos_embed.W_pos, -1))
+    for block in model.blocks:
+        for module, names in ((block.attn, ("W_O", "b_O")),
+                              (getattr(block, "mlp", None), ("W_out", "b_out"))):
+            for name in names:
+                if module is not None and getattr(module, name, None) is not None:
+                    writers.append((getattr(module, name), -1))
+    return writers
+
+
+def tied_head(model) -> nn.Module | None:
+    """The Hugging Face output head when it shares its weight with the input embedding."""
+    if is_hooked(model):
+        return None
+    hf = hf_model(model)
+    head = hf.get_output_embeddings()
+    if head is not None and head.weight is hf.get_input_embeddings().weight:
+        return head
+    return None

@@ -1,0 +1,270 @@
+"""The architecture table: every fact the toolkit needs about a model family, in one place.
+
+One ``Architecture`` entry per family, as data (in the style of nnterp's rename tables): where the
+decoder blocks, attention, MLP and norms live, how the query/key/value projections are laid out,
+which parameters write to the residual stream, where a layer's input enters, and how
+TransformerLens names the family. The rest of the toolkit asks this module (``architecture_of``,
+``model_dims``, ``head_counts``, ``select_heads``, ``residual_writers``) and never checks
+``model_type`` itself. Adding a family = one entry in ``ARCHITECTURES`` plus its tests.
+
+Paths are attribute paths: ``blocks``, ``embed``, ``pos_embed``, ``layer_input`` and
+``final_norm`` from the model; the others from one decoder block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..common.errors import UsageError
+
+QKV_LAYOUTS = ("separate", "stacked", "per_head")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where things are in one model family, and how its attention heads are laid out.
+
+    ``qkv_layout``: ``"separate"`` (``q_proj``/``k_proj``/``v_proj``, grouped-query attention
+    allowed), ``"stacked"`` (one projection whose output is ``[q | k | v]``, GPT-2) or
+    ``"per_head"`` (one projection whose output is ``[head, (q, k, v), d_head]``, GPT-NeoX).
+    """
+
+    family: str
+    blocks: str  # the decoder blocks' ModuleList
+    embed: str  # token embedding
+    layer_input: str  # the module whose output is block 0's input
+    final_norm: str
+    attention: str  # the attention module, from a block
+    qkv: tuple[str, ...]  # its q, k, v projections (or the one fused projection), from a block
+    qkv_layout: str
+    attn_out: str  # the output projection, from a block: its input is hook_z
+    mlp: str  # the MLP module, from a block: its output is hook_mlp_out
+    mlp_out: str  # the MLP's output projection, from a block
+    norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm)
+    pos_embed: str | None = None  # learned absolute positions
+    parallel_flag: str | None = None  # config flag: attention and MLP both read resid_pre
+    weights_in_out: bool = False  # weights stored [in, out] (GPT-2's Conv1D), not [out, in]
+    gated_mlp: bool = True
+    qk_norm: bool = False
+    tl_architecture: str | None = None  # TransformerLens's original_architecture
+    tl_converter: str | None = None  # its weight converter in transformer_lens.pretrained
+
+    def parallel(self, config) -> bool:
+        """Whether attention and MLP read the same input (then there is no ``hook_resid_mid``)."""
+        return bool(self.parallel_flag and getattr(config, self.parallel_flag, False))
+
+
+_LLAMA = Architecture(
+    family="llama", blocks="model.layers", embed="model.embed_tokens",
+    layer_input="model.embed_tokens", final_norm="model.norm", attention="self_attn",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), qkv_layout="separate",
+    attn_out="self_attn.o_proj", mlp="mlp", mlp_out="mlp.down_proj",
+    tl_architecture="LlamaForCausalLM", tl_converter="convert_llama_weights")
+
+ARCHITECTURES: dict[str, Architecture] = {  # by config.model_type
+    "llama": _LLAMA,
+    "mistral": replace(_LLAMA, family="mistral", tl_architecture="MistralForCausalLM",
+                       tl_converter="convert_mistral_weights"),
+    "qwen2": replace(_LLAMA, family="qwen2", tl_architecture="Qwen2ForCausalLM",
+                     tl_converter="convert_qwen2_weights"),
+    "qwen3": replace(_LLAMA, family="qwen3", qk_norm=True, tl_architecture="Qwen3ForCausalLM",
+                     tl_converter="convert_qwen3_weights"),
+    "gpt2": Architecture(
+        family="gpt2", blocks="transformer.h", embed="transformer.wte",
+        pos_embed="transformer.wpe", layer_input="transformer.drop",
+        final_norm="transformer.ln_f", attention="attn", qkv=("attn.c_attn",),
+        qkv_layout="stacked", attn_out="attn.c_proj", mlp="mlp", mlp_out="mlp.c_proj",
+        norm="layer", weights_in_out=True, gated_mlp=False,
+        tl_architecture="GPT2LMHeadModel", tl_converter="convert_gpt2_weights"),
+    "gpt_neox": Architecture(
+        family="gpt_neox", blocks="gpt_neox.layers", embed="gpt_neox.embed_in",
+        layer_input="gpt_neox.emb_dropout", final_norm="gpt_neox.final_layer_norm",
+        attention="attention", qkv=("attention.query_key_value",), qkv_layout="per_head",
+        attn_out="attention.dense", mlp="mlp", mlp_out="mlp.dense_4h_to_h", norm="layer",
+        parallel_flag="use_parallel_residual", gated_mlp=False,
+        tl_architecture="GPTNeoXForCausalLM", tl_converter="convert_neox_weights"),
+}
+
+
+class UnsupportedArchitectureError(UsageError):
+    """The model's family is not in the architecture table."""
+
+
+def architecture_of(model_or_config) -> Architecture:
+    """The table entry for a model (or its config), by ``config.model_type``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"No architecture entry for model_type {model_type!r}. Supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}. To add a family, add one Architecture entry "
+            f"(module paths, q/k/v layout, norm kind) to "
+            f"pruning_bridge.bridge.architectures.ARCHITECTURES.")
+    return ARCHITECTURES[model_type]
+
+
+# ---------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes a config declares (a model with heads removed may have fewer per layer: see
+    ``head_counts``)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    context: int | None
+
+
+def model_dims(model_or_config) -> ModelDims:
+    """Sizes from the config's standard names (GPT-2's ``n_embd``... are aliases of them)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    d_model, n_heads = config.hidden_size, config.num_attention_heads
+    d_head = getattr(config, "head_dim", None) or d_model // n_heads
+    d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+             or 4 * d_model)
+    return ModelDims(
+        n_layers=config.num_hidden_layers, d_model=d_model, n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads, d_head=d_head,
+        d_mlp=d_mlp, context=getattr(config, "max_position_embeddings", None))
+
+
+# ---------------------------------------------------------------- modules
+
+
+def blocks_of(model) -> nn.ModuleList:
+    """The model's ``ModuleList`` of decoder blocks."""
+    return model.get_submodule(architecture_of(model).blocks)
+
+
+def attentions_of(model) -> list[nn.Module]:
+    """Each decoder block's attention module."""
+    arch = architecture_of(model)
+    return [block.get_submodule(arch.attention) for block in blocks_of(model)]
+
+
+def _stored_out_in(module: nn.Module, weights_in_out: bool) -> Tensor:
+    return module.weight.T if weights_in_out else module.weight
+
+
+def head_counts(model) -> list[tuple[int, int]]:
+    """``(query heads, key/value heads)`` of every layer, read from the projection shapes."""
+    arch, d_head = architecture_of(model), model_dims(model).d_head
+    counts = []
+    for block in blocks_of(model):
+        first = _stored_out_in(block.get_submodule(arch.qkv[0]), arch.weights_in_out)
+        if arch.qkv_layout == "separate":
+            k_proj = block.get_submodule(arch.qkv[1])
+            counts.append((first.shape[0] // d_head, k_proj.weight.shape[0] // d_head))
+        else:  # one fused projection, as many kv heads as query heads
+            n = first.shape[0] // (3 * d_head)
+            counts.append((n, n))
+    return counts
+
+
+def head_index(heads: Tensor, d_head: int) -> Tensor:
+    """Positions of ``heads`` in a flat ``n_heads * d_head`` dimension."""
+    return (heads[:, None] * d_head + torch.arange(d_head)).flatten()
+
+
+def _shrink(module: nn.Module, weight: Tensor, bias: Tensor | None = None) -> None:
+    """Give a ``Linear`` or GPT-2 ``Conv1D`` a new weight (and bias, if given) in place."""
+    module.weight = nn.Parameter(weight.contiguous(), module.weight.requires_grad)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.contiguous(), module.bias.requires_grad)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    else:  # Conv1D stores its weight [in, out]
+        module.nx, module.nf = weight.shape
+
+
+def _keep_rows(module: nn.Module, rows: Tensor, weights_in_out: bool) -> None:
+    """Keep output features ``rows`` of a projection (its weight and bias)."""
+    weight = module.weight[:, rows] if weights_in_out else module.weight[rows]
+    bias = None if module.bias is None else module.bias[rows]
+    _shrink(module, weight, bias)
+
+
+def _keep_inputs(module: nn.Module, cols: Tensor, weights_in_out: bool) -> None:
+    """Keep input features ``cols`` of a projection (its bias is unchanged)."""
+    _shrink(module, module.weight[cols] if weights_in_out else module.weight[:, cols])
+
+
+def select_heads(model, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int]) -> None:
+    """Keep query heads ``q_heads`` and kv heads ``kv_heads`` (repeats allowed) of ``layer``.
+
+    Query head ``i`` of the result uses kv head ``i // (len(q_heads) // len(kv_heads))``. Fused
+    layouts have one kv head per query head, so ``kv_heads`` must equal ``q_heads`` there.
+    Per-head norms (Qwen3's q_norm / k_norm) act per head and are unchanged.
+    """
+    arch, d_head = architecture_of(model), model_dims(model).d_head
+    block = blocks_of(model)[layer]
+    attn = block.get_submodule(arch.attention)
+    if arch.qkv_layout != "separate" and list(q_heads) != list(kv_heads):
+        raise UsageError(f"{arch.family} has one key/value head per query head.")
+    q_heads, kv_heads = torch.as_tensor(q_heads), torch.as_tensor(kv_heads)
+    q = head_index(q_heads, d_head)
+    if arch.qkv_layout == "separate":
+        kv = head_index(kv_heads, d_head)
+        for path, rows in zip(arch.qkv, (q, kv, kv)):
+            _keep_rows(block.get_submodule(path), rows, arch.weights_in_out)
+        attn.num_key_value_groups = len(q_heads) // len(kv_heads)
+    else:
+        fused = block.get_submodule(arch.qkv[0])
+        width = _stored_out_in(fused, arch.weights_in_out).shape[0] // 3
+        if arch.qkv_layout == "stacked":  # [q | k | v]
+            rows = torch.cat([q, q + width, q + 2 * width])
+        else:  # per head: [q_h k_h v_h] blocks of 3 * d_head
+            rows = head_index(q_heads, 3 * d_head)
+        _keep_rows(fused, rows, arch.weights_in_out)
+    _keep_inputs(block.get_submodule(arch.attn_out), q, arch.weights_in_out)
+    for name in ("num_heads", "split_size"):  # GPT-2's attention reads these in forward
+        if hasattr(attn, name):
+            setattr(attn, name, len(q_heads) * (d_head if name == "split_size" else 1))
+
+
+def kv_copies(model, layer: int) -> list[int]:
+    """For each kv head of ``layer``, the first kv head with identical k/v weights (replicas
+    left by an uneven head removal count as one). Fused layouts: every head is its own."""
+    arch = architecture_of(model)
+    n_kv = head_counts(model)[layer][1]
+    if arch.qkv_layout != "separate":
+        return list(range(n_kv))
+    block = blocks_of(model)[layer]
+    params = [p for path in arch.qkv[1:] for p in (block.get_submodule(path).weight,
+                                                   block.get_submodule(path).bias)
+              if p is not None]
+    rows = torch.cat([p.reshape(n_kv, -1) for p in params], dim=1)
+    return [next(i for i in range(j + 1) if torch.equal(rows[i], rows[j])) for j in range(n_kv)]
+
+
+# ---------------------------------------------------------------- the residual stream
+
+
+def residual_writers(model) -> list[tuple[nn.Parameter, int]]:
+    """Every parameter that writes to the residual stream, with its d_model axis.
+
+    The token (and learned position) embeddings, and each block's attention and MLP output
+    projections with their biases. Shared parameters are listed once.
+    """
+    arch = architecture_of(model)
+    writers = [(model.get_submodule(arch.embed).weight, -1)]
+    if arch.pos_embed:
+        writers.append((model.get_submodule(arch.pos_embed).weight, -1))
+    for block in blocks_of(model):
+        for path in (arch.attn_out, arch.mlp_out):
+            module = block.get_submodule(path)
+            writers.append((module.weight, -1 if arch.weights_in_out else 0))
+            if module.bias is not None:
+                writers.append((module.bias, -1))
+    seen: set[int] = set()
+    return [(p, axis) for p, axis in writers if not (id(p) in seen or seen.add(id(p)))]
+
