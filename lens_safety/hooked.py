@@ -14,64 +14,56 @@ from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.loading_from_pretrained import get_official_model_name
 from transformer_lens.pretrained import weight_conversions as conversions
 
+from pruning_bridge.bridge import architecture_of, model_dims
 from pruning_bridge.common.errors import UsageError
+from pruning_bridge.models import ModelLoadError, load_model, resolve_dtype
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3")
-
-
-def _rope_theta(config) -> float:
+def _rope(config) -> tuple[float, float]:
+    """``(rope_theta, partial_rotary_factor)`` from a config (old and new transformers names)."""
     params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+    theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    fraction = (params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor",
+                                                               None)
+                or getattr(config, "rotary_pct", None) or 1.0)
+    return float(theta), float(fraction)
 
 
 def hooked_config(hf_config, n_ctx: int | None = None) -> HookedTransformerConfig:
-    """The ``HookedTransformerConfig`` equivalent of an HF GPT-2 / Llama / Qwen2 / Qwen3 config."""
-    kind = hf_config.model_type
-    if kind == "gpt2":
-        return HookedTransformerConfig(
-            d_model=hf_config.n_embd, d_head=hf_config.n_embd // hf_config.n_head,
-            n_heads=hf_config.n_head, d_mlp=hf_config.n_inner or 4 * hf_config.n_embd,
-            n_layers=hf_config.n_layer, n_ctx=n_ctx or hf_config.n_positions,
-            eps=hf_config.layer_norm_epsilon, d_vocab=hf_config.vocab_size,
-            act_fn=hf_config.activation_function, normalization_type="LN",
-            positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
-            default_prepend_bos=False, dtype=torch.float32,
-        )
-    if kind not in SUPPORTED:
-        raise UsageError(f"No TransformerLens conversion for model_type {kind!r}; supported: "
-                         f"{', '.join(SUPPORTED)}.")
-    n_heads = hf_config.num_attention_heads
-    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
-    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
-    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM"}[kind]
+    """The ``HookedTransformerConfig`` equivalent of an HF config of a family in the table."""
+    arch = architecture_of(hf_config)
+    if arch.tl_converter is None:
+        raise UsageError(f"No TransformerLens conversion for {arch.family}.")
+    dims = model_dims(hf_config)
+    rotary = arch.pos_embed is None
+    theta, fraction = _rope(hf_config)
+    eps = next(getattr(hf_config, name) for name in ("rms_norm_eps", "layer_norm_eps",
+                                                     "layer_norm_epsilon")
+               if getattr(hf_config, name, None) is not None)
+    act_fn = getattr(hf_config, "hidden_act", None) or hf_config.activation_function
     return HookedTransformerConfig(
-        d_model=hf_config.hidden_size, d_head=d_head, n_heads=n_heads,
-        n_key_value_heads=n_kv if n_kv != n_heads else None, d_mlp=hf_config.intermediate_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_ctx=n_ctx or min(hf_config.max_position_embeddings, 8192), eps=hf_config.rms_norm_eps,
-        d_vocab=hf_config.vocab_size, act_fn=hf_config.hidden_act, normalization_type="RMS",
-        positional_embedding_type="rotary", rotary_dim=d_head, rotary_base=_rope_theta(hf_config),
-        rotary_adjacent_pairs=False, final_rms=True, gated_mlp=True,
-        use_qk_norm=kind == "qwen3", original_architecture=architecture,
-        default_prepend_bos=False, dtype=torch.float32,
+        d_model=dims.d_model, d_head=dims.d_head, n_heads=dims.n_heads,
+        n_key_value_heads=dims.n_kv_heads if dims.n_kv_heads != dims.n_heads else None,
+        d_mlp=dims.d_mlp, n_layers=dims.n_layers,
+        n_ctx=n_ctx or min(dims.context or 2048, 8192), eps=eps, d_vocab=hf_config.vocab_size,
+        act_fn=act_fn, normalization_type="RMS" if arch.norm == "rms" else "LN",
+        final_rms=arch.norm == "rms", gated_mlp=arch.gated_mlp, use_qk_norm=arch.qk_norm,
+        parallel_attn_mlp=arch.parallel(hf_config),
+        positional_embedding_type="rotary" if rotary else "standard",
+        **(dict(rotary_dim=int(dims.d_head * fraction), rotary_base=theta,
+                rotary_adjacent_pairs=False) if rotary else {}),
+        original_architecture=arch.tl_architecture, default_prepend_bos=False,
+        dtype=torch.float32,
     )
-
-
-_CONVERTERS = {
-    "gpt2": conversions.convert_gpt2_weights,
-    "llama": conversions.convert_llama_weights,
-    "qwen2": conversions.convert_qwen2_weights,
-    "qwen3": conversions.convert_qwen3_weights,
-}
 
 
 def hooked_from_hf(model, tokenizer=None, n_ctx: int | None = None) -> HookedTransformer:
     """A ``HookedTransformer`` with exactly ``model``'s (unprocessed) weights; no hub access."""
     cfg = hooked_config(model.config, n_ctx)
-    state_dict = _CONVERTERS[model.config.model_type](model, cfg)
+    converter = getattr(conversions, architecture_of(model).tl_converter)
+    state_dict = converter(model, cfg)
     hooked = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     hooked.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
                                        center_unembed=False, fold_value_biases=False)
@@ -80,8 +72,6 @@ def hooked_from_hf(model, tokenizer=None, n_ctx: int | None = None) -> HookedTra
 
 def _official_name(spec: str) -> str | None:
     """TransformerLens's official name for ``spec`` (a hub id or alias), or None."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
     try:
         return get_official_model_name(spec)
     except (ValueError, KeyError):
@@ -100,8 +90,6 @@ def load_hooked(spec, dtype=None, device=None, n_ctx: int | None = None) -> Hook
       model (its ``.tokenizer`` attribute, if any, is used; else no tokenizer) or a
       ``(model, tokenizer)`` pair, converted with :func:`hooked_from_hf`.
     """
-    from pruning_bridge.models import ModelLoadError, load_model, resolve_dtype
-
     torch_dtype = resolve_dtype(dtype)
     if not isinstance(spec, (str, os.PathLike)):
         if isinstance(spec, tuple) and len(spec) == 2:

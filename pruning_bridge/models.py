@@ -172,8 +172,10 @@ def load_head_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
         base.__init__(self, config, *args, **kwargs)
         _apply_layout(self, config.head_layout)
 
-    model = type(base.__name__, (base,), {"__init__": __init__}).from_pretrained(
-        path, **from_pretrained_kwargs)
+    # the same module as the base class, so transformers treats it as its own (checkpoint key
+    # renames, e.g. GPT-NeoX's embed_out -> lm_head, apply only to library classes)
+    built = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+    model = built.from_pretrained(path, **from_pretrained_kwargs)
     model.__class__ = base  # the subclass differs only in construction
     return model
 

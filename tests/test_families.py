@@ -1,0 +1,279 @@
+"""Every family in the architecture table, and every feature on the two added as table entries
+only (Mistral, GPT-NeoX / Pythia), against independent references: TransformerLens on the same
+weights, and plain PyTorch hooks on the Hugging Face modules (paths written out here by hand)."""
+
+import copy
+
+import pytest
+import torch
+
+from lens_safety import ablate, orthogonalize
+from lens_safety.hooked import hooked_from_hf
+from pruning_bridge.bridge import ARCHITECTURES, HookBridge, UnknownHookError, head_counts
+from pruning_bridge.heads import RoutedHeads, remove_heads
+from pruning_bridge.models import TINY_MODELS, load_head_pruned
+from pruning_bridge.pruning import (drop_layers, input_norms, magnitude_prune, prunable_linears,
+                                    skip_layers, wanda_prune)
+from pruning_bridge.pruning.layers import prefix_reused_logits
+
+NEW = ["tiny-mistral", "tiny-pythia"]
+TEXT = "The quick brown fox jumps over the lazy dog"
+PROMPTS = [TEXT, "Hello there"]
+# written out by hand: where the blocks and each block's attention output projection live
+BLOCKS = {"tiny-mistral": "model.layers", "tiny-pythia": "gpt_neox.layers"}
+OUT_PROJ = {"tiny-mistral": "self_attn.o_proj", "tiny-pythia": "attention.dense"}
+LINEARS = {"tiny-mistral": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+           "tiny-pythia": {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
+                           "mlp.dense_4h_to_h"}}
+
+
+def run(model, ids, mask=None, **kwargs):
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask,
+                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **kwargs).logits
+
+
+def blocks(model, name):
+    return model.get_submodule(BLOCKS[name])
+
+
+def test_every_table_family_has_a_tiny_model(tiny):
+    assert {tiny(name)[0].config.model_type for name in TINY_MODELS} == set(ARCHITECTURES) - {
+        "qwen2"}  # Qwen2 is Llama's layout plus q/k/v biases: tests build it with biases
+
+
+# ---------------------------------------------------------------- hooks
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_every_hook_equals_transformer_lens(tiny, name):
+    """Every bridge hook point equals TransformerLens's on the same unprocessed weights."""
+    model, tok = tiny(name)
+    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    logits, cache = bridge.run_with_cache(ids)
+    with torch.no_grad():
+        tl_logits, tl_cache = hooked.run_with_cache(ids)
+    for hook in bridge.hook_names:
+        assert cache[hook].shape == tl_cache[hook].shape, hook
+        torch.testing.assert_close(cache[hook], tl_cache[hook], atol=1e-4, rtol=0, msg=hook)
+    torch.testing.assert_close(logits, tl_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("hook", ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k",
+                                  "blocks.1.attn.hook_v", "blocks.1.attn.hook_z",
+                                  "blocks.2.hook_attn_out", "blocks.2.hook_mlp_out",
+                                  "blocks.0.hook_resid_pre", "blocks.3.hook_resid_post"])
+def test_edits_equal_transformer_lens(tiny, name, hook):
+    """Writing a hook point changes the logits exactly as the same edit in TransformerLens."""
+    model, tok = tiny(name)
+    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+
+    def edit(x, *args, **kwargs):  # the bridge passes the name, TransformerLens hook=
+        x = x.clone()
+        x[..., :3] = 2 * x[..., 3:6] + 1  # touches the first head / first features
+        return x
+
+    with bridge.hooks([(hook, edit)]):
+        edited = bridge(ids)
+    with torch.no_grad():
+        expected = hooked.run_with_hooks(ids, fwd_hooks=[(hook, edit)])
+    torch.testing.assert_close(edited, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(edited, bridge(ids), atol=1e-3)
+
+
+def test_parallel_residual_has_no_resid_mid(tiny):
+    model, tok = tiny("tiny-pythia")
+    bridge = HookBridge(model, tok)
+    assert "blocks.0.hook_resid_mid" not in bridge.hook_names
+    with pytest.raises(UnknownHookError, match="parallel residual.*no hook_resid_mid"):
+        bridge.run_with_cache(TEXT, ["blocks.0.hook_resid_mid"])
+    assert "blocks.0.hook_resid_mid" in HookBridge(*tiny("tiny-mistral")).hook_names
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_generation_with_a_hook_equals_stepwise_decoding(tiny, name):
+    model, tok = tiny(name)
+    bridge = HookBridge(model, tok)
+    shift = 3 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with bridge.hooks([("blocks.1.hook_resid_post", lambda x, n: x + shift)]):
+        out = bridge.generate(PROMPTS, max_new_tokens=5, return_text=False)
+    ids, mask = bridge.to_tokens(PROMPTS)
+    handle = blocks(model, name)[1].register_forward_hook(
+        lambda m, a, o: (o[0] + shift, *o[1:]) if isinstance(o, tuple) else o + shift)
+    try:
+        for _ in range(5):
+            nxt = run(model, ids, mask, use_cache=False)[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    finally:
+        handle.remove()
+    assert torch.equal(out, ids)
+
+
+# ---------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_skip_drop_and_prefix_reuse_equal_a_deleted_block(tiny, name):
+    model, tok = tiny(name)
+    bridge = HookBridge(model, tok)
+    ids, mask = bridge.to_tokens(PROMPTS)
+    full, *removed = list(prefix_reused_logits(model, ids, mask, [0, 2]))
+    torch.testing.assert_close(full[1], run(model, ids, mask))
+    for layer, logits in removed:
+        reference = copy.deepcopy(model)
+        del blocks(reference, name)[layer]
+        expected = run(reference, ids, mask, use_cache=False)
+        with skip_layers(bridge, [layer]):
+            torch.testing.assert_close(bridge(ids, mask), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        dropped = drop_layers(copy.deepcopy(model), [layer])
+        torch.testing.assert_close(run(dropped, ids, mask), expected, atol=1e-5, rtol=0)
+        generated = dropped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                                     do_sample=False, pad_token_id=tok.pad_token_id)
+        with skip_layers(bridge, [layer]):
+            assert torch.equal(generated, bridge.generate(ids, max_new_tokens=4,
+                                                          attention_mask=mask))
+
+
+# ---------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_magnitude_and_wanda_prune_every_block_linear_and_restore(tiny, name, data_dir):
+    model, tok = tiny(name)
+    linears = prunable_linears(model)
+    expected = {f"{BLOCKS[name]}.{i}.{rel}" for i in range(4) for rel in LINEARS[name]}
+    assert set(linears) == expected
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    dense = run(model, ids)
+    with magnitude_prune(model, 0.5) as report:
+        for module in linears.values():  # exactly half per matrix, the smallest |w| first
+            w = module.weight
+            assert int((w == 0).sum()) == w.numel() // 2
+            kept = before[[k for k, m in model.named_modules() if m is module][0] + ".weight"]
+            assert kept.abs()[w == 0].max() <= kept.abs()[w != 0].min()
+        assert report.sparsity == pytest.approx(0.5)
+        assert not torch.allclose(run(model, ids), dense)
+    norms = input_norms(model, tok, [TEXT])
+    x = {}
+    handle = linears[f"{BLOCKS[name]}.1.{OUT_PROJ[name]}"].register_forward_pre_hook(
+        lambda m, a: x.setdefault("in", a[0]))
+    run(model, ids)
+    handle.remove()
+    torch.testing.assert_close(norms[f"{BLOCKS[name]}.1.{OUT_PROJ[name]}"].float(),
+                               x["in"][0].double().pow(2).sum(0).sqrt().float())
+    with wanda_prune(model, norms, 0.25):
+        for module in linears.values():  # 25 % of every output row
+            zeros = (module.weight == 0).sum(1)
+            assert torch.all(zeros == round(0.25 * module.weight.shape[1]))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------- heads
+
+
+def zeroing_heads(model, name, heads_by_layer):
+    """The reference: zero those heads' slices of the output projection's input (plain hooks)."""
+    d_head = model.config.hidden_size // model.config.num_attention_heads
+    handles = []
+    for layer, heads in heads_by_layer.items():
+        def pre(module, args, heads=heads):
+            x = args[0].clone()
+            for h in heads:
+                x[..., h * d_head:(h + 1) * d_head] = 0
+            return (x,)
+        proj = blocks(model, name)[layer].get_submodule(OUT_PROJ[name])
+        handles.append(proj.register_forward_pre_hook(pre))
+    return handles
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_head_removal_equals_zeroing_and_reloads(tiny, name, tmp_path):
+    model, tok = tiny(name)
+    plan = {0: [1], 1: [0, 3], 3: [2]}
+    ids, mask = HookBridge(model, tok).to_tokens(PROMPTS)
+    handles = zeroing_heads(model, name, plan)
+    try:
+        expected = run(model, ids, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    pruned = remove_heads(copy.deepcopy(model), plan)
+    assert [q for q, _ in head_counts(pruned)] == [3, 2, 4, 3]
+    torch.testing.assert_close(run(pruned, ids, mask), expected, atol=1e-5, rtol=0)
+    pruned.save_pretrained(tmp_path)
+    reloaded = load_head_pruned(tmp_path)
+    torch.testing.assert_close(run(reloaded, ids, mask), expected, atol=1e-5, rtol=0)
+    _, cache = HookBridge(reloaded, tok).run_with_cache(ids, ["blocks.1.attn.hook_z"],
+                                                        attention_mask=mask)
+    assert cache["blocks.1.attn.hook_z"].shape[2] == 2
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_routed_heads_equal_plain_pytorch_gating(tiny, name):
+    model, tok = tiny(name)
+    bridge = HookBridge(model, tok)
+    router = RoutedHeads(bridge, n_shared=1, top_k=2, seed=3)
+    with torch.no_grad():
+        for r in router.routers.values():
+            r.weight.normal_(0, 1.0)  # decisive routing
+    ids, mask = bridge.to_tokens(PROMPTS)
+    with router.routing(bridge):
+        routed = bridge(ids, mask)
+    d_head = model.config.hidden_size // model.config.num_attention_heads
+    gates, handles = {}, []
+    for layer in router.layers:
+        block = blocks(model, name)[layer]
+
+        def read(module, args, kwargs, layer=layer):
+            x = args[0] if args else kwargs["hidden_states"]
+            gates[layer] = router.routers[str(layer)](x, router.top_k).gates
+
+        def gate(module, args, layer=layer):
+            x = args[0]
+            g = gates[layer].repeat_interleave(d_head, dim=-1)
+            return ((x.float() * g).to(x.dtype),)
+
+        handles += [block.register_forward_pre_hook(read, with_kwargs=True),
+                    block.get_submodule(OUT_PROJ[name]).register_forward_pre_hook(gate)]
+    try:
+        expected = run(model, ids, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(routed, run(model, ids, mask), atol=1e-3)
+
+
+# ---------------------------------------------------------------- directions
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_ablate_equals_transformer_lens_and_orthogonalize(tiny, name):
+    model, tok = tiny(name)
+    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    d = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    d = d / d.norm()
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ablate(bridge, d):
+        ablated = bridge(ids)
+    residual = ("resid_pre", "resid_post") if name == "tiny-pythia" else (
+        "resid_pre", "resid_mid", "resid_post")
+    names = [f"blocks.{i}.hook_{h}" for i in range(4) for h in residual]
+    with torch.no_grad():
+        expected = hooked.run_with_hooks(ids, fwd_hooks=[
+            (n, lambda x, hook: x - (x @ d)[..., None] * d) for n in names])
+    torch.testing.assert_close(ablated, expected, atol=1e-4, rtol=0)
+    with orthogonalize(bridge, d):
+        baked = bridge(ids)
+    torch.testing.assert_close(baked, ablated, atol=1e-4, rtol=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
