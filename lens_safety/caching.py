@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pruning_bridge.common import check_layers, left_pad, model_device
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import UsageError
 
 from .backend import dims, embedding_weight, run_with_cache
 

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import UsageError
 
 from .probes import as_array, binary_labels, check_data, probe_pipeline
 

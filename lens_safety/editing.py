@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from pruning_bridge.common import check_layers
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import UsageError
 
 from .backend import dims, edited, hf_model, residual_hooks, residual_writers, tied_head
 from .caching import hook_name

@@ -16,7 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import UsageError
 
 CLASSES = ("neutral", "biased", "toxic")
 COLORS = {"neutral": "#2ca02c", "biased": "#ff7f0e", "toxic": "#d62728"}

@@ -18,7 +18,7 @@ from transformer_lens.loading_from_pretrained import get_official_model_name
 from transformer_lens.pretrained import weight_conversions as conversions
 
 from pruning_bridge.bridge import architecture_of, model_dims
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import UsageError
 from pruning_bridge.models import ModelLoadError, load_model, resolve_dtype
 
 def _rope(config) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -24,7 +25,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import UsageError
 
 from .prompts import HARMFUL_LABELS
 
@@ -138,8 +139,6 @@ class LayerProbes:
 
     def figure(self, title: str | None = None):
         """Plotly figure: accuracy, macro-F1 and AUROC per layer, chance as a dashed line."""
-        import plotly.graph_objects as go
-
         if not hasattr(self, "scores_"):
             raise RuntimeError("Call fit(acts, labels) first.")
         fig = go.Figure()

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import UsageError
 from pruning_bridge.evals.data import DataNotFoundError, load_hub_dataset
 
 LABELS = ("neutral", "biased", "toxic")
@@ -340,8 +341,6 @@ class PromptSet:
 
     def to_pandas(self):
         """A DataFrame with columns text, label, source, group."""
-        import pandas as pd
-
         return pd.DataFrame(
             {"text": self.texts, "label": self.labels, "source": self.sources, "group": self.groups}
         )

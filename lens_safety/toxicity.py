@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import UsageError
 
 Scorer = Callable[[list[str]], list[float]]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
+
 from ..common.jsonable import JsonDataclass
 
 
@@ -21,8 +23,6 @@ class EvalResult(JsonDataclass):
 
     def to_pandas(self):
         """The per-item records as a DataFrame (one row per question or problem)."""
-        import pandas as pd
-
         return pd.DataFrame(self.records)
 
     def __str__(self) -> str:

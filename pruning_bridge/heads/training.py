@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,8 +47,6 @@ class RouterTrainingLog(JsonDataclass):
 
     def to_pandas(self):
         """The per-step losses as a DataFrame."""
-        import pandas as pd
-
         return pd.DataFrame(self.steps)
 
 

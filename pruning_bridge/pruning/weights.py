@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from numbers import Real
 from typing import Iterator, Mapping, Sequence
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -300,8 +301,6 @@ class SparsityReport:
 
     def to_pandas(self):
         """One row per matrix: name, shape, zeros, total, sparsity (overall: ``.sparsity``)."""
-        import pandas as pd
-
         return pd.DataFrame(self.to_dict()["matrices"])
 
 
