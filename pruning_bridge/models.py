@@ -95,7 +95,7 @@ def gpt2_tokenizer() -> PreTrainedTokenizerBase:
 
 
 def tiny_model(name: str) -> PreTrainedModel:
-    """A seeded random-weight model of ``name`` (one of ``TINY_MODELS``), identical on every call."""
+    """A seeded random-weight model of ``name`` (one of ``TINY_MODELS``), the same every call."""
     config = _tiny_configs()[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
@@ -104,7 +104,8 @@ def tiny_model(name: str) -> PreTrainedModel:
 
 
 def cache_dir() -> Path:
-    """Where converted checkpoints live: ``$LAYERS_TO_LATENTS_CACHE`` or ``~/.cache/layers-to-latents``."""
+    """Where converted checkpoints live: ``$LAYERS_TO_LATENTS_CACHE``, else
+    ``~/.cache/layers-to-latents``."""
     env = os.environ.get("LAYERS_TO_LATENTS_CACHE")
     if env:
         return Path(env)

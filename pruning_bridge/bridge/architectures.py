@@ -145,13 +145,9 @@ def blocks_of(model) -> nn.ModuleList:
     return model.get_submodule(architecture_of(model).blocks)
 
 
-def attentions_of(model) -> list[nn.Module]:
-    """Each decoder block's attention module."""
-    arch = architecture_of(model)
-    return [block.get_submodule(arch.attention) for block in blocks_of(model)]
-
-
-def _stored_out_in(module: nn.Module, weights_in_out: bool) -> Tensor:
+def _out_in(module: nn.Module, weights_in_out: bool) -> Tensor:
+    """A projection's weight as ``[out, in]`` (a view of GPT-2's ``Conv1D``, stored ``[in,
+    out]``)."""
     return module.weight.T if weights_in_out else module.weight
 
 
@@ -160,7 +156,7 @@ def head_counts(model) -> list[tuple[int, int]]:
     arch, d_head = architecture_of(model), model_dims(model).d_head
     counts = []
     for block in blocks_of(model):
-        first = _stored_out_in(block.get_submodule(arch.qkv[0]), arch.weights_in_out)
+        first = _out_in(block.get_submodule(arch.qkv[0]), arch.weights_in_out)
         if arch.qkv_layout == "separate":
             k_proj = block.get_submodule(arch.qkv[1])
             counts.append((first.shape[0] // d_head, k_proj.weight.shape[0] // d_head))
@@ -219,7 +215,7 @@ def select_heads(model, layer: int, q_heads: Sequence[int], kv_heads: Sequence[i
         attn.num_key_value_groups = len(q_heads) // len(kv_heads)
     else:
         fused = block.get_submodule(arch.qkv[0])
-        width = _stored_out_in(fused, arch.weights_in_out).shape[0] // 3
+        width = _out_in(fused, arch.weights_in_out).shape[0] // 3
         if arch.qkv_layout == "stacked":  # [q | k | v]
             rows = torch.cat([q, q + width, q + 2 * width])
         else:  # per head: [q_h k_h v_h] blocks of 3 * d_head

@@ -220,8 +220,9 @@ class HookBridge:
         """Logits (with the active hooks applied) and a cache of ``names``.
 
         ``names`` selects what to cache as everywhere in the bridge (None: every hook point);
-        the default, an empty tuple, caches nothing. Runs without autograd unless ``grad=True`` (then gradients flow to anything the hooks
-        use, e.g. a trained router, and to the model's parameters that require them).
+        the default, an empty tuple, caches nothing. Runs without autograd unless ``grad=True``
+        (then gradients flow to anything the hooks use, e.g. a trained router, and to the
+        model's parameters that require them).
         """
         with torch.set_grad_enabled(grad):
             return self._forward(input_ids, attention_mask, position_ids, names, logits_to_keep,

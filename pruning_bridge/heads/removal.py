@@ -60,13 +60,13 @@ def _check_heads(heads_by_layer: Mapping[int, Sequence[int]],
         layer = int(layer)
         if not 0 <= layer < n:
             raise OutOfRangeError(f"Layer {layer} is out of range for a model with {n} layers "
-                             f"(valid: 0..{n - 1}).")
+                                  f"(valid: 0..{n - 1}).")
         heads = sorted({int(h) for h in heads})
         n_q = counts[layer][0]
         bad = [h for h in heads if not 0 <= h < n_q]
         if bad:
-            raise OutOfRangeError(f"Head indices {bad} are out of range for layer {layer}, which has "
-                             f"{n_q} query heads (valid: 0..{n_q - 1}).")
+            raise OutOfRangeError(f"Head indices {bad} are out of range for layer {layer}, which "
+                                  f"has {n_q} query heads (valid: 0..{n_q - 1}).")
         if len(heads) == n_q:
             raise UsageError(f"Removing all {n_q} heads of layer {layer} leaves no attention; "
                              f"keep at least one head, or remove the whole layer with "
