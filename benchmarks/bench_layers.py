@@ -15,11 +15,12 @@ import copy
 import time
 
 import torch
-
 from common import median_time, print_table
+
+from pruning_bridge.evals import EvalSettings
+from pruning_bridge.models import load_model
 from pruning_bridge.pruning.layer_sweep import layer_sweep
 from pruning_bridge.pruning.layers import drop_layers
-from pruning_bridge.models import load_model
 
 
 def main() -> None:
@@ -30,18 +31,17 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2, help="perplexity windows of 256")
     args = parser.parse_args()
     model, tok = load_model(args.model)
-    kw = dict(data_dir=args.data_dir, window=256, progress=False)
+    settings = EvalSettings(["mmlu", "perplexity"], window=256, data_dir=args.data_dir,
+                            limit={"mmlu": args.limit, "perplexity": args.windows},
+                            progress=False)
 
     timings, results = [], {}
     for name, reuse in (("naive loop (each pruned model from scratch)", False),
                         ("prefix-reusing sweep", True)):
         start = time.perf_counter()
-        mmlu = layer_sweep(model, tok, ["mmlu"], limit=args.limit, reuse_prefix=reuse, **kw)
-        ppl = layer_sweep(model, tok, ["perplexity"], limit=args.windows, reuse_prefix=reuse,
-                          **kw)
+        rows = layer_sweep(model, tok, settings, reuse_prefix=reuse)  # in memory: computed
         timings.append((name, time.perf_counter() - start))
-        results[reuse] = {(r["task"], tuple(r["config"]["removed"])): r["value"]
-                          for r in mmlu + ppl}
+        results[reuse] = {(r["task"], tuple(r["config"]["removed"])): r["value"] for r in rows}
     for key, value in results[True].items():  # the same numbers both ways
         assert abs(value - results[False][key]) <= 1e-6 * max(1.0, abs(value)), key
     n = model.config.num_hidden_layers

@@ -1,26 +1,27 @@
-"""What the figure scripts share: the options that pick a model, its data and where results go."""
+"""What the figure scripts share: the options that pick a model, its evaluation and where results
+go (the toolkit's own CLI options, from ``pruning_bridge.common.cli``)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from pruning_bridge.common.cli import add_eval_options, add_model_options, eval_settings
+
+__all__ = ["eval_settings", "figure_parser", "results_dir"]
+
 
 def figure_parser(doc: str, tasks: str = "mmlu,perplexity") -> argparse.ArgumentParser:
-    """A parser with ``--model --tasks --limit --window --data-dir --results --figures --dtype
-    --device``; a script adds its own options and reads ``results_dir(args)``."""
+    """A parser with the model options (``--model``, default smollm2-135m, ``--dtype``,
+    ``--device``), the evaluation options (``--tasks --limit --window`` (default 512) ``--shots
+    --seed --max-new-tokens --batch-size --data-dir``), ``--results`` and ``--figures``. A script
+    adds its own options and reads ``eval_settings(args)`` and ``results_dir(args)``."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", default=tasks)
-    parser.add_argument("--limit", type=int, default=None,
-                        help="MMLU questions / GSM8K problems / perplexity windows per task")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--data-dir", default=None)
+    add_model_options(parser, default="smollm2-135m")
+    add_eval_options(parser, tasks=tasks, window=512)
     parser.add_argument("--results", default="results")
     parser.add_argument("--figures", default="figures")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default=None)
     return parser
 
 

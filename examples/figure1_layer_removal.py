@@ -4,8 +4,8 @@ Also ranks the layers by ShortGPT's Block Influence (no evaluation needed) and r
 that ranking predicts the measured damage (Spearman correlation).
 
     python examples/figure1_layer_removal.py --data-dir ../shared/data            # SmolLM2, CPU
-    python examples/figure1_layer_removal.py --model Qwen/Qwen3-0.6B --tasks mmlu,gsm8k,perplexity \\
-        --limit 451 --device cuda                                                   # the report
+    python examples/figure1_layer_removal.py --model Qwen/Qwen3-0.6B \\
+        --tasks mmlu,gsm8k,perplexity --limit 451 --device cuda                     # the report
 
 Results go to results/<model>/layer_sweep.jsonl (rerun to resume), the figure to
 figures/figure1_layer_removal.{html,png}.
@@ -16,20 +16,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import figure_parser, results_dir
+from common import eval_settings, figure_parser, results_dir
+
+from pruning_bridge.common.cli import load_model_from_args
+from pruning_bridge.common.figures import save_figure
 from pruning_bridge.evals.data import load_wikitext2
-from pruning_bridge.figures import layer_removal_figure, save_figure
+from pruning_bridge.figures import layer_removal_figure
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
 from pruning_bridge.pruning.layers import block_influence
-from pruning_bridge.models import load_model
 
 
 def main() -> None:
     args = figure_parser(__doc__).parse_args()
     out_dir = results_dir(args)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    rows = layer_sweep(model, tok, args.tasks, out=out_dir / "layer_sweep.jsonl",
-                       data_dir=args.data_dir, limit=args.limit, window=args.window)
+    settings = eval_settings(args)
+    model, tok = load_model_from_args(args)
+    rows = layer_sweep(model, tok, settings, out=out_dir / "layer_sweep.jsonl")
     text = load_wikitext2("test", args.data_dir)
     paragraphs = [p for p in text.split("\n\n") if len(p) > 200][:32]
     influence = block_influence(model, tok, paragraphs, max_length=256)

@@ -1,8 +1,8 @@
 """Figure 2 of the report: magnitude vs Wanda weight pruning at 5-50 % sparsity.
 
     python examples/figure2_weight_pruning.py --data-dir ../shared/data              # SmolLM2, CPU
-    python examples/figure2_weight_pruning.py --model Qwen/Qwen3-0.6B --tasks mmlu,gsm8k,perplexity \\
-        --limit 451 --device cuda                                                     # the report
+    python examples/figure2_weight_pruning.py --model Qwen/Qwen3-0.6B \\
+        --tasks mmlu,gsm8k,perplexity --limit 451 --device cuda                       # the report
 
 Results go to results/<model>/weight_sweep.jsonl (rerun to resume), the figure to
 figures/figure2_weight_pruning.{html,png}. Also prints the sparsity at which perplexity doubles.
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import figure_parser, results_dir
-from pruning_bridge.figures import save_figure, weight_pruning_figure
-from pruning_bridge.models import load_model
-from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
+from common import eval_settings, figure_parser, results_dir
+
+from pruning_bridge.common.cli import floats, load_model_from_args, names
+from pruning_bridge.common.figures import save_figure
+from pruning_bridge.figures import weight_pruning_figure
+from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, SCOPES, weight_sweep
 
 
 def doubling_sparsity(rows: list[dict], method: str) -> float | None:
@@ -28,15 +30,15 @@ def doubling_sparsity(rows: list[dict], method: str) -> float | None:
 
 def main() -> None:
     parser = figure_parser(__doc__)
-    parser.add_argument("--sparsities", default=",".join(map(str, REPORT_SPARSITIES)))
-    parser.add_argument("--methods", default="magnitude,wanda")
-    parser.add_argument("--scope", default="per_matrix", choices=["per_matrix", "global"])
+    parser.add_argument("--sparsities", type=floats, default=list(REPORT_SPARSITIES))
+    parser.add_argument("--methods", type=names, default=["magnitude", "wanda"])
+    parser.add_argument("--scope", default="per_matrix", choices=SCOPES)
     args = parser.parse_args()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    methods = args.methods.split(",")
-    rows = weight_sweep(model, tok, args.tasks, [float(s) for s in args.sparsities.split(",")],
-                        methods, out=results_dir(args) / "weight_sweep.jsonl", scope=args.scope, data_dir=args.data_dir,
-                        limit=args.limit, window=args.window)
+    settings = eval_settings(args)
+    model, tok = load_model_from_args(args)
+    methods = args.methods
+    rows = weight_sweep(model, tok, settings, args.sparsities, methods,
+                        out=results_dir(args) / "weight_sweep.jsonl", scope=args.scope)
     for row in rows:
         print(f"{row['method']:<10} {row['config']['sparsity']:>5.2f} {row['task']:<11} "
               f"{row['value']:.4f}")

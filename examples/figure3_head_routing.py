@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common import eval_settings, figure_parser, results_dir
 from scipy.stats import spearmanr
 
-from common import figure_parser, results_dir
-from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
-                                    router_loss_figure, save_figure)
+from pruning_bridge.common.cli import load_model_from_args
+from pruning_bridge.common.figures import save_figure
+from pruning_bridge.figures import head_importance_figure, head_pruning_figure, router_loss_figure
 from pruning_bridge.heads.study import run_head_study
-from pruning_bridge.models import load_model
 
 
 def main() -> None:
@@ -31,11 +31,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    settings = eval_settings(args)
+    model, tok = load_model_from_args(args)
     out = results_dir(args) / "heads"
-    study = run_head_study(model, tok, out, n_shared=args.shared, top_k=args.top_k,
-                           steps=args.steps, seq_len=args.seq_len, tasks=args.tasks,
-                           data_dir=args.data_dir, limit=args.limit, window=args.window)
+    study = run_head_study(model, tok, out, settings, n_shared=args.shared, top_k=args.top_k,
+                           steps=args.steps, seq_len=args.seq_len)
     print(f"router {study.router.settings()}: {study.log.seconds_per_step:.2f} s/step, "
           f"LM loss {study.log.steps[0]['lm_loss']:.3f} -> {study.log.steps[-1]['lm_loss']:.3f}")
     for row in study.rows:

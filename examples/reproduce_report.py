@@ -20,16 +20,19 @@ import json
 import time
 from pathlib import Path
 
+from lens_safety import ProbeSettings, ProbeStudy, evaluate_edit
+from pruning_bridge.bridge import HookBridge
+from pruning_bridge.common.figures import save_figure
+from pruning_bridge.common.report import Section, package_versions, write_report
+from pruning_bridge.evals import EvalResult, EvalSettings, gsm8k_accuracy, mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_wikitext2
-from pruning_bridge.evals import EvalResult, gsm8k_accuracy, mmlu_accuracy, perplexity
+from pruning_bridge.evals.tasks import WIKITEXT_TEST
 from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
-                                    layer_removal_figure, router_loss_figure, save_figure,
-                                    weight_pruning_figure)
+                                    layer_removal_figure, router_loss_figure, weight_pruning_figure)
 from pruning_bridge.heads.study import run_head_study
+from pruning_bridge.models import load_model
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
 from pruning_bridge.pruning.layers import block_influence
-from pruning_bridge.models import load_model
-from pruning_bridge.common.report import Section, package_versions, write_report
 from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
 
 SMOL = "smollm2-135m"
@@ -92,10 +95,8 @@ def baseline(models: Models, p: dict, data_dir, out: Path) -> list[Section]:
     out = folder(out, name)
 
     def ppl() -> EvalResult:
-        text = load_wikitext2("test", data_dir)
-        value = perplexity(model, tokenizer, text, window=p["window"], max_windows=p["windows"])
-        return EvalResult("perplexity", "perplexity", value,
-                          {"window": p["window"], "windows": p["windows"]})
+        return perplexity(model, tokenizer, load_wikitext2("test", data_dir), window=p["window"],
+                          max_windows=p["windows"], text_name=WIKITEXT_TEST)
 
     results = [
         cached(out / "baseline_mmlu.json",
@@ -116,12 +117,11 @@ def baseline(models: Models, p: dict, data_dir, out: Path) -> list[Section]:
                     "perplexity over non-overlapping windows).", tables=[("baseline", rows)])]
 
 
-def _sweep(fn, tasks: str, p: dict, **kw) -> list[dict]:
-    rows = []
-    limits = {"mmlu": p["sweep_mmlu"], "gsm8k": p["gsm8k"], "perplexity": p["sweep_windows"]}
-    for task in tasks.split(","):
-        rows += fn(tasks=[task], limit=limits[task], max_new_tokens=p["gsm8k_tokens"], **kw)
-    return rows
+def sweep_settings(p: dict, tasks: str, data_dir) -> EvalSettings:
+    """The evaluation of the preset's sweeps: its tasks, each with its own limit."""
+    return EvalSettings(tasks, window=p["sweep_window"], max_new_tokens=p["gsm8k_tokens"],
+                        limit={"mmlu": p["sweep_mmlu"], "gsm8k": p["gsm8k"],
+                               "perplexity": p["sweep_windows"]}, data_dir=data_dir)
 
 
 def layers(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
@@ -129,9 +129,8 @@ def layers(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
     name = p["compress_model"]
     model, tokenizer = models(name)
     out = folder(out, name)
-    rows = _sweep(lambda **kw: layer_sweep(model, tokenizer, out=out / "layer_sweep.jsonl",
-                                           data_dir=data_dir, window=p["sweep_window"], **kw),
-                  p["layer_tasks"], p)
+    rows = layer_sweep(model, tokenizer, sweep_settings(p, p["layer_tasks"], data_dir),
+                       out=out / "layer_sweep.jsonl")
     influence_path = out / "block_influence.json"
     if not influence_path.exists():
         text = load_wikitext2("test", data_dir)
@@ -167,11 +166,9 @@ def weights(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list
     name = p["compress_model"]
     model, tokenizer = models(name)
     out = folder(out, name)
-    rows = _sweep(lambda **kw: weight_sweep(model, tokenizer, sparsities=REPORT_SPARSITIES,
-                                            methods=("magnitude", "wanda"),
-                                            out=out / "weight_sweep.jsonl", data_dir=data_dir,
-                                            window=p["sweep_window"], **kw),
-                  p["weight_tasks"], p)
+    rows = weight_sweep(model, tokenizer, sweep_settings(p, p["weight_tasks"], data_dir),
+                        REPORT_SPARSITIES, ("magnitude", "wanda"),
+                        out=out / "weight_sweep.jsonl")
     by = {(r["method"], r["config"]["sparsity"], r["task"]): r["value"] for r in rows}
     tasks = sorted({r["task"] for r in rows})
     table = [{"method": m, "sparsity": s, **{t: by.get((m, s, t)) for t in tasks}}
@@ -193,11 +190,9 @@ def heads(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[S
     for name in p["head_models"]:
         model, tokenizer = models(name)
         study = run_head_study(
-            model, tokenizer, folder(out, name) / "heads", steps=p["head_steps"],
-            batch_size=p["head_batch"], seq_len=p["head_seq_len"], tasks=p["head_tasks"],
-            data_dir=data_dir, window=p["sweep_window"],
-            limit={"mmlu": p["sweep_mmlu"], "gsm8k": p["gsm8k"], "perplexity": p["sweep_windows"]},
-            max_new_tokens=p["gsm8k_tokens"])
+            model, tokenizer, folder(out, name) / "heads",
+            sweep_settings(p, p["head_tasks"], data_dir), steps=p["head_steps"],
+            batch_size=p["head_batch"], seq_len=p["head_seq_len"])
         stem = "figure3" if name == p["head_models"][0] else f"figure3_{name.split('/')[-1]}"
         figs = [head_importance_figure(study.mean_gates, f"{name}: mean router gate per head",
                                        study.router.n_shared),
@@ -239,55 +234,47 @@ def heads(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[S
 
 def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
     """Probes per layer, the harmful direction, and projection ablation evaluated."""
-    from lens_safety import PromptSet, cache_residuals, evaluate_edit, run_probe_study
-    from lens_safety.figures import projection_histogram
-    from pruning_bridge.bridge import HookBridge
-
     name = p["safety_model"]
     model, tokenizer = models(name)
     out = folder(out, name) / "safety"
     bridge = HookBridge(model, tokenizer)
-    study = run_probe_study(bridge, tokenizer, model_name=name, data_dir=data_dir,
-                            n_per_class=p["safety_per_class"], out_dir=out)
+    study = ProbeStudy.build(bridge, tokenizer, ProbeSettings(n_per_class=p["safety_per_class"]),
+                             data_dir=data_dir, model_name=name, folder=out)  # resumable
+    summary, layer = study.summary(), study.best_layer
     probe_table = [{"layer": cv["layer"], "cv AUROC": cv["auroc"], "held-out AUROC": t["auroc"],
                     "3-class cv accuracy": three["accuracy"]}
-                   for cv, t, three in zip(study["cv_binary"], study["held_out_binary"],
-                                           study["cv_three_class"])]
-    fig = study["probes"].figure(f"{name}: probe per layer")
+                   for cv, t, three in zip(summary["cv_binary"], summary["held_out_binary"],
+                                           summary["cv_three_class"])]
+    fig = study.figure(f"{name}: probe per layer")
     save_figure(fig, figures / "safety_probes")
-    prompts = PromptSet.load(data_dir, n_per_class=p["safety_per_class"], seed=0)
-    _, test = prompts.split(test_size=0.25, seed=0)
-    test_acts = cache_residuals(bridge, tokenizer, test.texts, hook="resid_post", pool="last",
-                                store=out / "acts_test_resid_post_last.safetensors")  # cached
-    histogram = projection_histogram(
-        test_acts[study["best_layer"]], test.labels, study["direction"],
-        f"{name}: held-out prompts on the harmful direction (layer {study['best_layer']})")
+    histogram = study.projection_figure(
+        f"{name}: held-out prompts on the harmful direction (layer {layer})")
     save_figure(histogram, figures / "safety_projection_histogram")
     report_path = out / "edit_project.json"
     if not report_path.exists():
         n = p["safety_prompts"]
-        report = evaluate_edit(bridge, tokenizer, study["direction"],
-                               toxic_prompts=[x.text for x in test if x.label == "toxic"][:n],
-                               neutral_prompts=[x.text for x in test if x.label == "neutral"][:n],
+        report = evaluate_edit(bridge, tokenizer, study.direction,
+                               toxic_prompts=study.test_prompts("toxic", n),
+                               neutral_prompts=study.test_prompts("neutral", n),
                                edit="project", max_new_tokens=20,
                                perplexity_text=load_wikitext2("test", data_dir),
                                window=p["sweep_window"], max_windows=p["sweep_windows"],
-                               probe=study["probes"], probe_layer=study["best_layer"])
+                               probe=study.binary, probe_layer=layer)
         report.to_json(report_path)
     edit = json.loads(report_path.read_text())
     edit_table = [{"metric": m, "before": b, "after": edit["after"][m]}
                   for m, b in edit["before"].items()]
-    print(f"\nSafety ({name}): best layer {study['best_layer']}, direction held-out AUROC "
-          f"{study['held_out_projection_auroc']:.3f}")
+    print(f"\nSafety ({name}): best layer {summary['best_layer']}, direction held-out AUROC "
+          f"{summary['held_out_projection_auroc']:.3f}")
     for row in edit_table:
         print(f"{row['metric']:<24}{row['before']:>12.4g}{row['after']:>12.4g}")
     return [Section(
         f"Safety: probes, harmful direction, edit ({name})",
         f"A logistic-regression probe per layer separates harmful (biased + toxic) from neutral "
-        f"prompts on pooled residuals ({study['n_train']} train / {study['n_test']} held-out "
+        f"prompts on pooled residuals ({summary['n_train']} train / {summary['n_test']} held-out "
         f"prompts). The harmful direction (difference of class means at the best layer, "
-        f"{study['best_layer']}) separates held-out prompts with AUROC "
-        f"{study['held_out_projection_auroc']:.3f}. Projecting it out of the residual stream at "
+        f"{summary['best_layer']}) separates held-out prompts with AUROC "
+        f"{summary['held_out_projection_auroc']:.3f}. Projecting it out of the residual stream at "
         f"every layer changes toxicity, perplexity and the probe's harmful score as tabled.",
         figures=[fig, histogram], tables=[("probe per layer", probe_table),
                                ("projection ablation, before vs after", edit_table)])]

@@ -13,8 +13,8 @@ import torch
 from lens_safety import LayerProbes, PromptSet, ablate, cache_residuals, harmful_direction
 from pruning_bridge import HookBridge, load_model, load_wikitext2, perplexity
 from pruning_bridge.heads.removal import head_counts, heads_to_remove, remove_heads
-from pruning_bridge.pruning.layers import block_influence, skip_layers
 from pruning_bridge.heads.training import train_router, training_windows
+from pruning_bridge.pruning.layers import block_influence, skip_layers
 from pruning_bridge.pruning.weight_sweep import calibration_texts
 from pruning_bridge.pruning.weights import input_norms, magnitude_prune, wanda_prune
 
@@ -25,7 +25,13 @@ args = parser.parse_args()
 
 model, tok = load_model(args.model)  # a hub id, a local checkpoint, smollm2-135m or tiny-*
 text = load_wikitext2("test", args.data_dir)
-ppl = lambda m: perplexity(m, tok, text, window=256, max_windows=4, progress=False)  # noqa: E731
+
+
+def ppl(m) -> float:
+    """Perplexity over 4 windows of 256 tokens (``perplexity`` returns an EvalResult)."""
+    return perplexity(m, tok, text, window=256, max_windows=4, progress=False).value
+
+
 print(f"perplexity (4 x 256 tokens): {ppl(model):.2f}")
 
 # %% The bridge: TransformerLens hook names on the Hugging Face model, through nnsight

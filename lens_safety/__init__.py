@@ -7,12 +7,13 @@ from .evaluation import EditReport, evaluate_edit
 from .hooked import hooked_from_hf, load_hooked
 from .probes import LayerProbes, binary_labels
 from .prompts import Prompt, PromptSet
-from .study import run_probe_study
+from .study import ProbeSettings, ProbeStudy, run_probe_study
+from .sweep import alpha_sweep
 from .toxicity import get_scorer, profanity_scorer
 
 __all__ = [
-    "EditReport", "LayerProbes", "Prompt", "PromptSet", "ablate", "evaluate_edit",
-    "get_scorer", "load_hooked", "profanity_scorer", "run_probe_study", "binary_labels", "cache_residuals",
-    "harmful_direction", "hooked_from_hf", "load_direction", "orthogonalize",
-    "orthogonalize_permanently", "save_direction",
+    "EditReport", "LayerProbes", "ProbeSettings", "ProbeStudy", "Prompt", "PromptSet", "ablate",
+    "alpha_sweep", "binary_labels", "cache_residuals", "evaluate_edit", "get_scorer",
+    "harmful_direction", "hooked_from_hf", "load_direction", "load_hooked", "orthogonalize",
+    "orthogonalize_permanently", "profanity_scorer", "run_probe_study", "save_direction",
 ]

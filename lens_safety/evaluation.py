@@ -130,7 +130,7 @@ def _measure(model, tokenizer, *, prompts, scorer, probe, probe_layer, hook, poo
     if perplexity_text is not None:
         metrics["perplexity"] = perplexity(lm, tokenizer, perplexity_text, window=window,
                                            max_windows=max_windows, batch_size=batch_size,
-                                           progress=progress)
+                                           progress=progress).value
     if mmlu is not None:
         kwargs = {"batch_size": batch_size, "progress": progress, **mmlu}
         metrics["mmlu_accuracy"] = float(mmlu_accuracy(lm, tokenizer, **kwargs).value)

@@ -4,29 +4,85 @@
                        perplexity_text=text, window=128, max_windows=4, out="sweep.jsonl")
 
 Each row: ``edit``, ``alpha``, the after metrics (``toxicity_toxic``, ``toxicity_neutral``,
-``perplexity``, ...) and the unedited values as ``before_<metric>``. With ``out`` (JSONL through
-:class:`pruning_bridge.common.results.ResultsLog`, method ``"edit"``, task ``"safety"``), each row is
-appended as it finishes and settings already in the file are not recomputed.
+``perplexity``, ...) and the unedited values as ``before_<metric>``. The sweep runs on the
+toolkit's sweep runner (:mod:`pruning_bridge.common.sweep`, method ``"edit"``, task
+``"safety"``, evaluated by :class:`EditEvaluator`): with ``out`` (JSONL), each row is appended as
+it finishes, rows already in the file are not recomputed, and the sweep returns exactly its own
+rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from contextlib import nullcontext
 from typing import Sequence
 
+import torch
+
 from pruning_bridge.common.errors import UsageError
-from pruning_bridge.common.results import ResultsLog
+from pruning_bridge.common.sweep import SweepRow, run_sweep
 
 from .evaluation import evaluate_edit
 
+METHOD, TASK = "edit", "safety"
 
-def _settings(toxic, neutral, window, max_windows, kwargs) -> dict:
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def _settings(direction, toxic, neutral, perplexity_text, window, max_windows,
+              kwargs) -> dict:
+    """The identity of the sweep's rows: which direction, prompts and text, and how measured."""
     keep = {k: v for k, v in kwargs.items()
             if k in ("max_new_tokens", "scorer", "layers", "hooks", "probe_layer", "mmlu",
                      "subtract_layers", "subtract_hooks")
             and (isinstance(v, (str, int, float, list, tuple, dict)) or v is None)}
-    return {"n_toxic": len(toxic), "n_neutral": len(neutral), "window": window,
+    vector = torch.as_tensor(direction).detach().float().cpu().contiguous()
+    return {"direction": _digest(vector.numpy().tobytes()),
+            "prompts": _digest(json.dumps([toxic, neutral]).encode()),
+            "perplexity_text": (None if perplexity_text is None
+                                else _digest(perplexity_text.encode())),
+            "n_toxic": len(toxic), "n_neutral": len(neutral), "window": window,
             "max_windows": max_windows, **{k: list(v) if isinstance(v, tuple) else v
                                            for k, v in keep.items()}}
+
+
+class EditEvaluator:
+    """The sweep runner's evaluator for edits of one direction: one task, ``"safety"``.
+
+    A row's context yields the edit's config (``{"edit", "alpha"}``); ``evaluate_edit``
+    measures the model before and under that edit, and the row records the after metrics
+    (``toxicity_toxic`` is the row's ``value``) and the unedited ones as ``before_<metric>``.
+    """
+
+    tasks = (TASK,)
+
+    def __init__(self, model, tokenizer, direction, settings: dict, *,
+                 subtract_layers: Sequence[int] | None, subtract_hooks: Sequence[str],
+                 evaluate_edit_kwargs: dict):
+        self.model, self.tokenizer, self.direction = model, tokenizer, direction
+        self.settings = settings
+        self.subtract_where = dict(layers=subtract_layers, hooks=tuple(subtract_hooks))
+        self.kwargs = evaluate_edit_kwargs
+
+    def identity(self, task: str) -> dict:
+        """The settings of every row (prompt counts, perplexity windows, edit placement)."""
+        return self.settings
+
+    def __call__(self, config: dict, task: str) -> dict:
+        """Row fields of the edit ``config``: the after metrics, and the before ones."""
+        edit, alpha = config["edit"], config["alpha"]
+        where = self.subtract_where if edit == "subtract" else {}
+        report = evaluate_edit(self.model, self.tokenizer, self.direction, edit=edit,
+                               alpha=1.0 if alpha is None else alpha, **where, **self.kwargs)
+        fields = {"metric": "toxicity_toxic", "value": report.after.get("toxicity_toxic"),
+                  "edit": edit, "alpha": alpha, "toxicity_toxic": None,
+                  "toxicity_neutral": None, "perplexity": None}
+        fields.update(report.after)
+        fields.update({f"before_{k}": v for k, v in report.before.items()})
+        return fields
 
 
 def alpha_sweep(model, tokenizer, direction, alphas: Sequence[float], *,
@@ -44,40 +100,23 @@ def alpha_sweep(model, tokenizer, direction, alphas: Sequence[float], *,
     projection applied twice changes nothing).
     """
     toxic_prompts, neutral_prompts = list(toxic_prompts), list(neutral_prompts)
-    settings_list = [("subtract", float(a)) for a in alphas]
+    configs = [{"edit": "subtract", "alpha": float(a)} for a in alphas]
     if include_project:
-        settings_list.append(("project", None))
-    if not settings_list:
+        configs.append({"edit": "project", "alpha": None})
+    if not configs:
         raise UsageError("Nothing to sweep: pass some alphas or include_project=True.")
-    log = ResultsLog(out)
-    settings = _settings(toxic_prompts, neutral_prompts, window, max_windows,
+    subtract_layers = None if subtract_layers is None else [int(i) for i in subtract_layers]
+    settings = _settings(direction, toxic_prompts, neutral_prompts, perplexity_text, window,
+                         max_windows,
                          dict(evaluate_edit_kwargs, subtract_hooks=list(subtract_hooks),
-                              subtract_layers=None if subtract_layers is None
-                              else [int(i) for i in subtract_layers]))
-    done = {}
-    for row in log.rows:
-        if row.get("method") == "edit" and row.get("task") == "safety" \
-                and row.get("settings") == settings:
-            done[(row["config"]["edit"], row["config"]["alpha"])] = row
-    rows = []
-    for edit, alpha in settings_list:
-        config = {"edit": edit, "alpha": alpha}
-        if (edit, alpha) in done:
-            rows.append(done[(edit, alpha)])
-            continue
-        where = (dict(layers=subtract_layers, hooks=tuple(subtract_hooks))
-                 if edit == "subtract" else {})
-        report = evaluate_edit(model, tokenizer, direction, toxic_prompts=toxic_prompts,
-                               neutral_prompts=neutral_prompts, edit=edit,
-                               alpha=1.0 if alpha is None else alpha,
-                               perplexity_text=perplexity_text, window=window,
-                               max_windows=max_windows, **where, **evaluate_edit_kwargs)
-        row = {"method": "edit", "config": config, "task": "safety", "settings": settings,
-               "metric": "toxicity_toxic", "value": report.after.get("toxicity_toxic"),
-               "edit": edit, "alpha": alpha, "toxicity_toxic": None, "toxicity_neutral": None,
-               "perplexity": None}
-        row.update(report.after)
-        row.update({f"before_{k}": v for k, v in report.before.items()})
-        log.append(row)
-        rows.append(row)
-    return rows
+                              subtract_layers=subtract_layers))
+    evaluator = EditEvaluator(
+        model, tokenizer, direction, settings, subtract_layers=subtract_layers,
+        subtract_hooks=subtract_hooks,
+        evaluate_edit_kwargs=dict(evaluate_edit_kwargs, toxic_prompts=toxic_prompts,
+                                  neutral_prompts=neutral_prompts,
+                                  perplexity_text=perplexity_text, window=window,
+                                  max_windows=max_windows))
+    rows = [SweepRow(METHOD, config, lambda config=config: nullcontext(config))
+            for config in configs]
+    return run_sweep(rows, evaluator, out)

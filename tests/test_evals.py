@@ -1,16 +1,21 @@
 """Evaluation harness against independent plain-transformers computations."""
 
+import importlib
 import json
 import math
+import random
+import re
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from pruning_bridge.cli import main as cli_main
-from pruning_bridge.evals.data import load_gsm8k, load_mmlu, load_wikitext2, mmlu_subset
 from pruning_bridge.evals import extract_answer, gsm8k_accuracy, mmlu_accuracy, perplexity
+from pruning_bridge.evals.data import load_gsm8k, load_mmlu, load_wikitext2, mmlu_subset
 
 ARCHS = ["tiny-gpt2", "tiny-qwen3", "tiny-llama"]
+gsm8k = importlib.import_module("pruning_bridge.evals.gsm8k")  # the module, not the function
 
 
 def reference_mmlu_prompt(q, shots):
@@ -43,7 +48,8 @@ def check_mmlu(model, tok, data_dir, shots, n):
     letters = [tok(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     correct = 0
     for q, record in zip(questions, result.records):
-        ids = tok(reference_mmlu_prompt(q, dev[q.subject][:shots]), return_tensors="pt")["input_ids"]
+        prompt = reference_mmlu_prompt(q, dev[q.subject][:shots])
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             logits = model(ids).logits[0, -1, letters]
         assert record["id"] == q.id
@@ -70,7 +76,12 @@ def test_perplexity_matches_hf_loss(tiny, data_dir, arch, batch_size):
     expected = math.exp(sum(losses) / len(losses))
     got = perplexity(model, tok, text, window=window, max_windows=5, batch_size=batch_size,
                      progress=False)
-    assert got == pytest.approx(expected, rel=1e-5)
+    assert got.value == pytest.approx(expected, rel=1e-5)
+    assert (got.task, got.metric, got.settings["window"], got.settings["limit"]) == (
+        "perplexity", "perplexity", window, 5)
+    assert len(got.records) == 5 and all(r["tokens"] == window - 1 for r in got.records)
+    per_window = [math.exp(r["nll"] / r["tokens"]) for r in got.records]  # each window's own
+    assert per_window == pytest.approx([math.exp(loss) for loss in losses], rel=1e-5)
 
 
 def test_perplexity_errors(tiny):
@@ -111,9 +122,7 @@ def test_gsm8k_generation_matches_stepwise_greedy(tiny, data_dir, arch):
     exemplar = result.settings
     assert exemplar["shots"] == 1 and len(result.records) == 3
     train = load_gsm8k("train", data_dir)
-    import random
     shot = train[sorted(random.Random(0).sample(range(len(train)), 1))[0]]
-    import re
     shot_text = f"Question: {shot.question}\nAnswer: {re.sub(r'<<[^>]*>>', '', shot.solution)}\n\n"
     for p, record in zip(problems, result.records):
         prompt = shot_text + f"Question: {p.question}\nAnswer:"
@@ -127,8 +136,6 @@ def test_gsm8k_generation_matches_stepwise_greedy(tiny, data_dir, arch):
 
 def test_gsm8k_scores_a_model_that_copies_the_gold_answer(tiny, data_dir, monkeypatch):
     """The scoring pipeline: completions holding the gold number count as correct."""
-    import pruning_bridge.evals.gsm8k as gsm8k
-
     problems = load_gsm8k("test", data_dir)[:4]
     answers = iter([f" so the answer is {problems[0].target:,.0f}.", " 2 and 3", "", " 7"])
     monkeypatch.setattr(gsm8k, "greedy_generate",
@@ -163,13 +170,11 @@ def test_cli_reports_missing_data(tmp_path, capsys):
 
 
 def test_smollm2_perplexity_is_far_below_a_random_model(smollm2, data_dir):
-    from transformers import AutoModelForCausalLM
-
     model, tok = smollm2
     text = load_wikitext2("test", data_dir)[:30000]
-    real = perplexity(model, tok, text, window=512, max_windows=2, progress=False)
+    real = perplexity(model, tok, text, window=512, max_windows=2, progress=False).value
     torch.manual_seed(0)
     random_model = AutoModelForCausalLM.from_config(model.config).eval()
-    rand = perplexity(random_model, tok, text, window=512, max_windows=2, progress=False)
+    rand = perplexity(random_model, tok, text, window=512, max_windows=2, progress=False).value
     assert math.isfinite(real) and real < 60
     assert rand > 20 * real

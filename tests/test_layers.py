@@ -8,10 +8,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pruning_bridge.bridge import HookBridge
+from pruning_bridge.cli import main
+from pruning_bridge.common.results import ResultsLog
+from pruning_bridge.evals import EvalSettings
 from pruning_bridge.figures import layer_removal_figure, save_figure
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
 from pruning_bridge.pruning.layers import block_influence, drop_layers, skip_layers
-from pruning_bridge.common.results import ResultsLog
 
 PROMPTS = ["The quick brown fox jumps over", "Hello"]
 
@@ -61,7 +63,8 @@ def test_dropped_model_reloads_and_generates_like_skip(tiny, tmp_path, arch):
         out = reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
                                 do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(out, skipped)
-    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in reloaded.parameters()) < n_params
 
 
 def test_layer_errors(tiny):
@@ -105,9 +108,10 @@ def test_rank_correlation():
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
 def test_prefix_reusing_sweep_equals_naive_loop(tiny, data_dir, arch):
     model, tok = tiny(arch)
-    kw = dict(data_dir=data_dir, limit=6, window=64, progress=False)
-    fast = layer_sweep(model, tok, ["mmlu", "perplexity"], chunk=3, **kw)
-    naive = layer_sweep(model, tok, ["mmlu", "perplexity"], reuse_prefix=False, **kw)
+    settings = EvalSettings(("mmlu", "perplexity"), data_dir=data_dir, limit=6, window=64,
+                            progress=False)
+    fast = layer_sweep(model, tok, settings, chunk=3)
+    naive = layer_sweep(model, tok, settings, reuse_prefix=False)
     key = lambda r: (r["task"], tuple(r["config"]["removed"]))  # noqa: E731
     assert sorted(map(key, fast)) == sorted(map(key, naive))
     assert len(fast) == 2 * 5
@@ -118,16 +122,18 @@ def test_prefix_reusing_sweep_equals_naive_loop(tiny, data_dir, arch):
 
 def test_gsm8k_layer_sweep_uses_skip(tiny, data_dir):
     model, tok = tiny("tiny-llama")
-    rows = layer_sweep(model, tok, ["gsm8k"], layers=[1], data_dir=data_dir, limit=2, shots=0,
-                       max_new_tokens=4, progress=False)
+    settings = EvalSettings(["gsm8k"], data_dir=data_dir, limit=2, shots=0, max_new_tokens=4,
+                            progress=False)
+    rows = layer_sweep(model, tok, settings, layers=[1])
     assert [r["config"]["removed"] for r in rows] == [[], [1]]
     assert all(0 <= r["value"] <= 1 for r in rows)
 
 
 def test_killed_sweep_resumes_to_the_same_rows(tiny, data_dir, tmp_path, monkeypatch):
     model, tok = tiny("tiny-llama")
-    kw = dict(data_dir=data_dir, limit=4, window=64, progress=False, chunk=2)
-    full = layer_sweep(model, tok, ["mmlu", "perplexity"], out=tmp_path / "full.jsonl", **kw)
+    settings = EvalSettings(("mmlu", "perplexity"), data_dir=data_dir, limit=4, window=64,
+                            progress=False)
+    full = layer_sweep(model, tok, settings, out=tmp_path / "full.jsonl", chunk=2)
     out = tmp_path / "resumed.jsonl"
     original = ResultsLog.append
     calls = {"n": 0}
@@ -140,7 +146,7 @@ def test_killed_sweep_resumes_to_the_same_rows(tiny, data_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(ResultsLog, "append", dying_append)
     with pytest.raises(KeyboardInterrupt):
-        layer_sweep(model, tok, ["mmlu", "perplexity"], out=out, **kw)
+        layer_sweep(model, tok, settings, out=out, chunk=2)
     monkeypatch.setattr(ResultsLog, "append", original)
     assert len(out.read_text().splitlines()) == 4
     with open(out, "a") as f:
@@ -148,7 +154,7 @@ def test_killed_sweep_resumes_to_the_same_rows(tiny, data_dir, tmp_path, monkeyp
     computed = []
     monkeypatch.setattr(ResultsLog, "append",
                         lambda self, row: computed.append(row) or original(self, row))
-    resumed = layer_sweep(model, tok, ["mmlu", "perplexity"], out=out, **kw)
+    resumed = layer_sweep(model, tok, settings, out=out, chunk=2)
     assert len(computed) == len(full) - 4  # finished rows were not recomputed
     strip = lambda rows: sorted((r["task"], r["config"]["removed"], r["value"]) for r in rows)  # noqa: E731
     assert strip(resumed) == strip(full)
@@ -166,8 +172,6 @@ def test_layer_figure(tmp_path):
 
 
 def test_cli_layers_and_weights(data_dir, tmp_path):
-    from pruning_bridge.cli import main
-
     out = tmp_path / "layers.jsonl"
     args = ["--model", "tiny-gpt2", "--tasks", "perplexity", "--limit", "2", "--window", "64",
             "--data-dir", str(data_dir)]

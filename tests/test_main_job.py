@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from pruning_bridge.common.results import ResultsLog
 
 # the package re-exports functions with these modules' names, so import the modules themselves
 head_study = importlib.import_module("pruning_bridge.heads.study")
-head_sweep = importlib.import_module("pruning_bridge.heads.sweep")
 layer_sweep = importlib.import_module("pruning_bridge.pruning.layer_sweep")
-weight_sweep = importlib.import_module("pruning_bridge.pruning.weight_sweep")
+tasks = importlib.import_module("pruning_bridge.evals.tasks")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,32 +39,29 @@ def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, d
     argv = ["--preset", "smoke", "--data-dir", str(data_dir), "--out", str(out),
             "--figures", str(figures)]
 
-    # 1. Interrupted in the middle of the head sweep (the 4th evaluation).
-    real, calls = head_sweep.evaluate, []
+    # 1. Killed in the middle of the head sweep (after its 3rd finished row).
+    sweep_file = out / "tiny-qwen3" / "heads" / "head_sweep.jsonl"
+    append = ResultsLog.append
 
-    def interrupt(*args, **kwargs):
-        calls.append(args[2])
-        if len(calls) > 3:
+    def killed(log, row):
+        if log.path == sweep_file and len(log.rows) == 3:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return append(log, row)
 
-    monkeypatch.setattr(head_sweep, "evaluate", interrupt)
+    monkeypatch.setattr(ResultsLog, "append", killed)
     with pytest.raises(KeyboardInterrupt):
         job.main(argv)
-    sweep_file = out / "tiny-qwen3" / "heads" / "head_sweep.jsonl"
     first_rows = jsonl(sweep_file)
     assert len(first_rows) == 3
     finished = {p: p.read_bytes() for p in out.rglob("*.json*")}
 
     # 2. Resumed: nothing finished runs again; only the missing head-sweep rows are computed.
     monkeypatch.undo()
-    resumed = []
-    monkeypatch.setattr(head_sweep, "evaluate",
+    real, resumed = tasks.evaluate, []
+    monkeypatch.setattr(tasks, "evaluate",
                         lambda *a, **k: resumed.append(a[2]) or real(*a, **k))
-    for module in (layer_sweep, weight_sweep):
-        monkeypatch.setattr(module, "evaluate", forbid)
-    for task in list(layer_sweep._REUSED):
-        monkeypatch.setitem(layer_sweep._REUSED, task, forbid)
+    for task in list(layer_sweep.REUSABLE):
+        monkeypatch.setitem(layer_sweep.REUSABLE, task, forbid)
     monkeypatch.setattr(head_study, "train_router", forbid)
     monkeypatch.setattr(job, "mmlu_accuracy", forbid)
     monkeypatch.setattr(job, "gsm8k_accuracy", forbid)

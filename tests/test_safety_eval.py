@@ -149,12 +149,12 @@ def test_evaluate_edit_bridge(tiny, wikitext, data_dir, tmp_path):
     assert report.before["probe_harmful_toxic"] == pytest.approx(
         probe.predict_proba(x, layer=2)[:, 1].mean(), rel=1e-5)
     ppl = perplexity(model, tok, wikitext, window=64, max_windows=2, batch_size=4,
-                     progress=False)
+                     progress=False).value
     assert report.before["perplexity"] == pytest.approx(ppl, rel=1e-5)
     # after: the same under ablate directly
     with ablate(bridge, d):
         ppl_edit = perplexity(bridge, tok, wikitext, window=64, max_windows=2, batch_size=4,
-                              progress=False)
+                              progress=False).value
         conts_edit = generate_continuations(bridge, tok, TOXIC, 5)
     assert report.after["perplexity"] == pytest.approx(ppl_edit, rel=1e-5)
     assert report.after["perplexity"] != pytest.approx(ppl, rel=1e-6)  # the edit is visible
@@ -187,10 +187,11 @@ def test_evaluate_edit_hooked_orthogonalize_and_subtract(tiny, wikitext):
     assert _state_hash(hooked) == state
     assert set(report.before) == {"toxicity_toxic", "perplexity"}
     # the HookedTransformer's perplexity equals the HF model's, before and after the edit
-    ppl = perplexity(model, tok, wikitext, window=64, max_windows=2, progress=False)
+    ppl = perplexity(model, tok, wikitext, window=64, max_windows=2, progress=False).value
     assert report.before["perplexity"] == pytest.approx(ppl, rel=1e-4)
     with ablate(bridge, d):
-        ppl_edit = perplexity(bridge, tok, wikitext, window=64, max_windows=2, progress=False)
+        ppl_edit = perplexity(bridge, tok, wikitext, window=64, max_windows=2,
+                              progress=False).value
     assert report.after["perplexity"] == pytest.approx(ppl_edit, rel=1e-4)
     # same greedy continuations as the bridge on the same weights
     assert [c["before"] for c in report.continuations] == \

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import lens_safety.sweep as sweep_module
+from lens_safety import ProbeStudy
 from lens_safety.cli import main
-from lens_safety.directions import save_direction
+from lens_safety.directions import load_direction, save_direction
 from lens_safety.figures import projection_histogram, tradeoff_figure
 from lens_safety.sweep import alpha_sweep
 from pruning_bridge.bridge import HookBridge
@@ -79,6 +80,12 @@ def test_alpha_sweep_rows_resume_and_alpha_zero(bridge, tmp_path, monkeypatch):
     alpha_sweep(b, tok, _unit(64), [0.0, 3.0, 5.0], out=out, **kwargs)
     assert calls == ["subtract"]
     assert len(out.read_text().splitlines()) == 4
+    # another direction is another sweep: computed, and only its rows returned
+    calls.clear()
+    other = alpha_sweep(b, tok, _unit(64, seed=1), [3.0], out=out, include_project=False,
+                        **kwargs)
+    assert calls == ["subtract"] and len(other) == 1
+    assert other[0]["settings"]["direction"] != rows[0]["settings"]["direction"]
 
 
 SMALL = ["--n-prompts", "2", "--max-new-tokens", "4", "--window", "16", "--max-windows", "2",
@@ -100,18 +107,21 @@ def test_cli_edit_and_report(tmp_path, data_dir, capsys):
 
     rep = tmp_path / "report"
     assert main(["report", "--model", "tiny-gpt2", "--data-dir", str(data_dir), "--out",
-                 str(rep), "--alphas", "0", "4", "--no-png", *SMALL]) == 0
+                 str(rep), "--alphas", "0,4", "--no-png", *SMALL]) == 0
     for name in ("probe_study.json", "alpha_sweep.jsonl", "report.json", "safety_probes.html",
                  "safety_projection_histogram.html", "safety_tradeoff.html"):
         assert (rep / name).exists(), name
     assert len((rep / "alpha_sweep.jsonl").read_text().splitlines()) == 3
 
     new = tmp_path / "d2.safetensors"
+    # the direction command reads the probe run's own split: no data dir, no test size
     assert main(["direction", "--from", str(rep), "--layer", "1", "--method", "pca",
-                 "--data-dir", str(data_dir), "--out", str(new)]) == 0
-    assert new.exists()
-    assert main(["direction", "--from", str(rep), "--layer", "99", "--data-dir",
-                 str(data_dir), "--out", str(new)]) == 2
+                 "--out", str(new)]) == 0
+    direction, meta = load_direction(new)
+    assert meta["layer"] == 1 and meta["method"] == "pca"
+    torch.testing.assert_close(direction, ProbeStudy.load(rep).direction_at(1, "pca"))
+    assert main(["direction", "--from", str(rep), "--layer", "99", "--out", str(new)]) == 2
+    assert "out of range" in capsys.readouterr().err
 
 
 def test_cli_bad_direction_exits_2(tmp_path, data_dir, capsys):

@@ -7,11 +7,12 @@ from .lm import forward_logits, greedy_generate
 from .mmlu import letter_token_ids, mmlu_accuracy, mmlu_prompt
 from .perplexity import default_window, perplexity
 from .result import EvalResult
-from .tasks import METRICS, TASKS, evaluate, parse_tasks
+from .tasks import METRICS, TASKS, EvalSettings, TaskEvaluator, evaluate, parse_tasks
 
 __all__ = [
-    "DataNotFoundError", "EvalResult", "GSM8KProblem", "METRICS", "MMLUQuestion", "TASKS",
-    "default_window", "evaluate", "extract_answer", "forward_logits", "greedy_generate",
-    "gsm8k_accuracy", "gsm8k_prompt", "letter_token_ids", "load_gsm8k", "load_mmlu",
-    "load_wikitext2", "mmlu_accuracy", "mmlu_prompt", "mmlu_subset", "parse_tasks", "perplexity",
+    "DataNotFoundError", "EvalResult", "EvalSettings", "GSM8KProblem", "METRICS",
+    "MMLUQuestion", "TASKS", "TaskEvaluator", "default_window", "evaluate", "extract_answer",
+    "forward_logits", "greedy_generate", "gsm8k_accuracy", "gsm8k_prompt", "letter_token_ids",
+    "load_gsm8k", "load_mmlu", "load_wikitext2", "mmlu_accuracy", "mmlu_prompt", "mmlu_subset",
+    "parse_tasks", "perplexity",
 ]

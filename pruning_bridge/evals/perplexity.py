@@ -2,11 +2,13 @@
 
 The whole text is tokenized once with the tokenizer's defaults, cut into windows of ``window``
 tokens (the last partial window is dropped), and perplexity is exp of the mean negative
-log-likelihood over every predicted token (``window - 1`` per window).
+log-likelihood over every predicted token (``window - 1`` per window). ``perplexity`` returns an
+``EvalResult`` (value, settings, one record per window), like MMLU and GSM8K.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -16,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..common.errors import UsageError
 from .lm import forward_logits
+from .result import EvalResult
 
 
 def default_window(model, cap: int = 2048) -> int:
@@ -41,21 +44,42 @@ def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, window: int,
     return ids[: n_windows * window].view(n_windows, window)
 
 
-def nll_sum(logits: torch.Tensor, windows: torch.Tensor) -> float:
-    """Summed next-token negative log-likelihood of ``windows`` under ``logits`` (float64)."""
+def window_nlls(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood summed per window, ``[n_windows]`` in float64."""
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                           windows[:, 1:].flatten().to(logits.device), reduction="none")
-    return nll.double().sum().item()
+    return nll.double().view(len(windows), -1).sum(-1)
+
+
+def nll_sum(logits: torch.Tensor, windows: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of ``windows`` under ``logits`` (float64)."""
+    return window_nlls(logits, windows).sum().item()
 
 
 def perplexity(model, tokenizer: PreTrainedTokenizerBase, text: str, window: int | None = None,
-               max_windows: int | None = None, batch_size: int = 1,
-               progress: bool = True) -> float:
-    """exp(mean NLL) of ``model`` over non-overlapping ``window``-token windows of ``text``."""
-    windows = token_windows(tokenizer, text, window or default_window(model), max_windows)
-    total_nll = 0.0
+               max_windows: int | None = None, batch_size: int = 1, progress: bool = True,
+               text_name: str | None = None) -> EvalResult:
+    """exp(mean NLL) of ``model`` over non-overlapping ``window``-token windows of ``text``.
+
+    Returns an ``EvalResult`` like the other evaluations: ``value`` is the perplexity,
+    ``settings`` the window, the window limit and the text (``text_name``, or the text's length
+    and hash), and ``records`` one entry per window with its summed NLL and predicted tokens.
+    """
+    window = window or default_window(model)
+    windows = token_windows(tokenizer, text, window, max_windows)
+    nlls = []
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity",
                       disable=not progress):
         batch = windows[start:start + batch_size]
-        total_nll += nll_sum(forward_logits(model, batch), batch)
-    return math.exp(total_nll / windows[:, 1:].numel())
+        nlls.append(window_nlls(forward_logits(model, batch), batch).cpu())
+    nll = torch.cat(nlls)
+    tokens = windows.shape[1] - 1
+    if text_name is None:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+        text_name = f"{len(text)} characters, sha256 {digest}"
+    return EvalResult(
+        task="perplexity", metric="perplexity",
+        value=math.exp(nll.sum().item() / (len(windows) * tokens)),
+        settings={"window": window, "limit": max_windows, "text": text_name,
+                  "n": len(windows)},
+        records=[{"window": i, "nll": float(v), "tokens": tokens} for i, v in enumerate(nll)])

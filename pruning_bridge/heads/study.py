@@ -19,6 +19,7 @@ from torch import Tensor, tensor
 
 from ..bridge import HookBridge
 from ..common.errors import UsageError
+from ..evals.tasks import EvalSettings
 from ..pruning.weight_sweep import calibration_texts
 from .importance import gradient_head_importance, mean_gate_importance
 from .routing import RoutedHeads, attention_dims, top_k_for
@@ -57,17 +58,17 @@ def _split_texts(data_dir, n_train: int, n_eval: int, seed: int) -> tuple[list[s
     return texts[:n_train], texts[n_train:]
 
 
-def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
-                   top_k: int | None = None, layers: Sequence[int] | None = None,
-                   steps: int = 100, batch_size: int = 4, seq_len: int = 256, lr: float = 1e-2,
-                   beta: float = 0.01, importance_windows: int = 16,
-                   fractions: Sequence[float] = REPORT_FRACTIONS, tasks=("mmlu", "perplexity"),
-                   data_dir=None, limit: int | dict[str, int | None] | None = None,
-                   window: int | None = None,
-                   shots: int | None = None, max_new_tokens: int = 256, eval_batch_size: int = 8,
-                   seed: int = 0, progress: bool = True) -> HeadStudy:
+def run_head_study(model, tokenizer, out: str | Path, settings: EvalSettings, *,
+                   n_shared: int = 1, top_k: int | None = None,
+                   layers: Sequence[int] | None = None, steps: int = 100, batch_size: int = 4,
+                   seq_len: int = 256, lr: float = 1e-2, beta: float = 0.01,
+                   importance_windows: int = 16,
+                   fractions: Sequence[float] = REPORT_FRACTIONS) -> HeadStudy:
     """Train, rank and evaluate; every stage reuses what ``out`` already holds.
 
+    ``settings`` defines the evaluation (tasks, limits, window, data, seed); its ``data_dir``
+    and ``seed`` also give the training and importance text (WikiText-2 validation), and its
+    ``progress`` the progress bars. ``batch_size`` and ``seq_len`` are the router training's.
     ``top_k`` picks the router whose mean gates rank the heads (default: the smallest of the
     fractions' top-k, the most selective); each fraction is evaluated with its own router.
     """
@@ -78,6 +79,7 @@ def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
     out = Path(out)
     bridge = HookBridge(model, tokenizer)
     n_train = max(64, steps * batch_size * seq_len // 120)  # ~120 tokens per paragraph
+    data_dir, seed, progress = settings.data_dir, settings.seed, settings.progress
     train_texts, eval_texts = _split_texts(data_dir, n_train, 4 * importance_windows, seed)
     train_ids = training_windows(tokenizer, train_texts, seq_len)
     eval_ids = training_windows(tokenizer, eval_texts, seq_len)[:importance_windows]
@@ -111,9 +113,7 @@ def run_head_study(model, tokenizer, out: str | Path, *, n_shared: int = 1,
                                                "windows": len(eval_ids), "seq_len": seq_len}))
 
     by_fraction = {f: routers[k] for f, k in ks.items()}
-    rows = head_sweep(model, tokenizer, by_fraction, gates, tasks, out=out / "head_sweep.jsonl",
-                      data_dir=data_dir, limit=limit, window=window, shots=shots, seed=seed,
-                      max_new_tokens=max_new_tokens, batch_size=eval_batch_size,
-                      progress=progress)
+    rows = head_sweep(model, tokenizer, by_fraction, gates, settings,
+                      out=out / "head_sweep.jsonl")
     return HeadStudy(router, logs[figure_k], by_fraction, gates, gradients, rows,
                      time.perf_counter() - start)

@@ -1,26 +1,29 @@
 """Prune weights at increasing sparsity and evaluate: the report's Figure 2.
 
-Each (method, sparsity) configuration is applied reversibly (the model is restored bit for bit
-after each one), evaluated on each task, and appended to a JSONL file as soon as it finishes, so
-an interrupted sweep resumes. The dense model is a row too (method ``dense``, sparsity 0).
+Each (method, sparsity) configuration is a row of the sweep runner
+(``pruning_bridge.common.sweep``): applied reversibly (the model is restored bit for bit after
+each one), evaluated on each task of one ``EvalSettings``, and appended to a JSONL file as soon
+as it finishes, so an interrupted sweep resumes. The dense model is a row too (method
+``dense``, sparsity 0). Each row also records the sparsity the pruning achieved.
 """
 
 from __future__ import annotations
 
 import random
-import time
-from contextlib import nullcontext
+from contextlib import contextmanager
+from numbers import Real
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..common.errors import UsageError
-from ..common.results import ResultsLog
+from ..common.sweep import Prepared, SweepRow, run_sweep
 from ..evals.data import DataNotFoundError, load_hub_dataset
-from ..evals.tasks import METRICS, evaluate, parse_tasks, task_settings
+from ..evals.tasks import EvalSettings, TaskEvaluator
 from .weights import input_norms, magnitude_prune, wanda_prune
 
 REPORT_SPARSITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 METHODS = ("magnitude", "wanda")
+SCOPES = ("per_matrix", "global")
 
 
 def calibration_texts(data_dir=None, n: int = 64, seed: int = 0,
@@ -45,50 +48,56 @@ def calibration_texts(data_dir=None, n: int = 64, seed: int = 0,
     return random.Random(seed).sample(paragraphs, min(n, len(paragraphs)))
 
 
-def weight_sweep(model, tokenizer, tasks=("mmlu", "perplexity"),
+@contextmanager
+def _pruned(model, method: str, config: dict, norms) -> Iterator[Prepared]:
+    """The model pruned as ``config`` says (restored on exit), with its achieved sparsity."""
+    if method == "dense":
+        yield Prepared(model, {"achieved_sparsity": 0.0})
+        return
+    if method == "magnitude":
+        context = magnitude_prune(model, config["sparsity"], scope=config["scope"])
+    else:
+        context = wanda_prune(model, norms(), config["sparsity"])
+    with context as report:
+        yield Prepared(model, {"achieved_sparsity": report.sparsity})
+
+
+def weight_sweep(model, tokenizer, settings: EvalSettings,
                  sparsities: Sequence[float] = REPORT_SPARSITIES,
                  methods: Sequence[str] = ("magnitude",), out=None, *, scope: str = "per_matrix",
-                 calibration: Sequence[str] | None = None, data_dir=None,
-                 limit: int | None = None, window: int | None = None, shots: int | None = None,
-                 seed: int = 0, max_new_tokens: int = 256, batch_size: int = 8,
-                 progress: bool = True) -> list[dict]:
-    """Evaluate the dense model and each (method, sparsity); return the rows.
+                 calibration: Sequence[str] | None = None) -> list[dict]:
+    """Evaluate the dense model and each (method, sparsity) on ``settings``; return the rows.
 
     ``methods``: ``"magnitude"`` (``scope`` per_matrix or global) and/or ``"wanda"`` (per output
-    row, input norms from ``calibration`` texts, default 64 WikiText-2 validation paragraphs,
-    measured once on the dense model).
+    row, input norms from ``calibration`` texts, default 64 WikiText-2 validation paragraphs of
+    ``settings.data_dir``, measured once on the dense model). ``out`` (a ``.jsonl`` path or a
+    ``ResultsLog``) receives each row as it finishes and is read first, so a rerun recomputes
+    nothing; the rows returned are exactly this sweep's, in order (dense first).
     """
-    tasks = parse_tasks(tasks)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UsageError(f"Unknown pruning methods {unknown}; choose from {', '.join(METHODS)}.")
-    log = ResultsLog(out)
-    norms = None
+    if scope not in SCOPES:
+        raise UsageError(f"Unknown scope {scope!r}; choose from {', '.join(SCOPES)}.")
+    bad = [s for s in sparsities if isinstance(s, bool) or not isinstance(s, Real)
+           or not 0 <= s < 1]
+    if bad:  # checked before the dense row is evaluated
+        hint = " (percentages? divide by 100)" if all(1 <= s <= 100 for s in bad) else ""
+        raise UsageError(f"Sparsities must be fractions in [0, 1), e.g. 0.5 to zero half of "
+                         f"the weights; got {bad}{hint}.")
+    norms_cache = []
+
+    def norms():  # measured once, on the dense model, when the first Wanda row needs them
+        if not norms_cache:
+            texts = (list(calibration) if calibration is not None
+                     else calibration_texts(settings.data_dir))
+            norms_cache.append(input_norms(model, tokenizer, texts))
+        return norms_cache[0]
+
     configs = [("dense", {"sparsity": 0.0})] + [
         (method, {"sparsity": float(s), "scope": scope if method == "magnitude" else "per_row"})
         for method in methods for s in sparsities]
-    settings = {task: task_settings(task, model, limit=limit, window=window, shots=shots,
-                                    seed=seed, max_new_tokens=max_new_tokens) for task in tasks}
-    for method, config in configs:
-        todo = [t for t in tasks if not log.has(method, config, t, settings[t])]
-        if not todo:
-            continue
-        if method == "wanda" and norms is None:
-            texts = list(calibration) if calibration is not None else calibration_texts(data_dir)
-            norms = input_norms(model, tokenizer, texts)
-        if method == "dense":
-            context = nullcontext()  # the dense model: no pruning, no report
-        elif method == "magnitude":
-            context = magnitude_prune(model, config["sparsity"], scope=scope)
-        else:
-            context = wanda_prune(model, norms, config["sparsity"])
-        with context as report:
-            for task in todo:
-                start = time.perf_counter()
-                value = evaluate(model, tokenizer, task, settings[task], data_dir=data_dir,
-                                 batch_size=batch_size, progress=progress)
-                log.append({"method": method, "config": config, "task": task,
-                            "metric": METRICS[task], "value": value, "settings": settings[task],
-                            "achieved_sparsity": report.sparsity if report else 0.0,
-                            "seconds": round(time.perf_counter() - start, 3)})
-    return [r for r in log.rows if r["method"] in ("dense", *methods) and r["task"] in tasks]
+    rows = [SweepRow(method, config,
+                     lambda method=method, config=config: _pruned(model, method, config, norms))
+            for method, config in configs]
+    return run_sweep(rows, TaskEvaluator(model, tokenizer, settings), out)
