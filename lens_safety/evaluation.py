@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from pruning_bridge.bridge import HookBridge
-from pruning_bridge.common import JsonDataclass
-from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common import JsonDataclass, UsageError
 from pruning_bridge.evals import mmlu_accuracy, perplexity
 
 from .backend import as_lm, greedy_continuations, is_bridge, is_hooked, residual_hooks
@@ -68,8 +68,6 @@ class EditReport(JsonDataclass):
 
     def to_pandas(self):
         """One row per metric: ``metric, before, after, delta``."""
-        import pandas as pd
-
         return pd.DataFrame([{"metric": k, "before": v, "after": self.after.get(k),
                               "delta": self.delta.get(k)} for k, v in self.before.items()])
 
