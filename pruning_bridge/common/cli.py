@@ -18,6 +18,8 @@ import argparse
 import sys
 from typing import Callable, Sequence, TypeVar
 
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from ..evals.tasks import TASKS, EvalSettings, parse_tasks
 from ..models import load_model
 from .errors import UsageError
@@ -102,7 +104,8 @@ def add_model_options(parser: argparse.ArgumentParser, default: str | None = Non
                         help="cpu (default), cuda, cuda:1, or auto (spread over all GPUs)")
 
 
-def load_model_from_args(args: argparse.Namespace):
+def load_model_from_args(
+        args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` for the options of ``add_model_options``."""
     return load_model(args.model, dtype=args.dtype, device=args.device)
 
