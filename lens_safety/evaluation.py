@@ -34,8 +34,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common import JsonDataclass, UsageError

@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .common.figures import save_figure
+from .common.figures import save_figure  # noqa: F401  (figures and their saver, one import)
 
 TASK_TITLES = {"mmlu": "MMLU accuracy", "gsm8k": "GSM8K accuracy",
                "perplexity": "WikiText-2 perplexity"}

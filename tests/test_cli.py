@@ -30,7 +30,7 @@ def one_error_line(capsys) -> str:
     (["eval", "--model", "tiny-gpt2", "--task", "gsm8k", "--data-dir", "/no/such/dir"],
      "data_dir"),
     (["weights", "--model", "tiny-gpt2", "--tasks", "perplexity", "--sparsities", "50",
-      "--out", "{tmp}/w.jsonl"], "divide by 100"),
+      "--out", "{tmp}/w.jsonl"], "did you mean 0.5"),
     (["layers", "--model", "tiny-gpt2", "--tasks", "perplexity", "--layers", "0,9",
       "--out", "{tmp}/l.jsonl"], "out of range"),
     (["eval", "--model", "tiny-gpt2", "--task", "perplexity", "--window", "1"], "window"),

@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig
 
 from pruning_bridge.bridge import HookBridge
+from pruning_bridge.common import UsageError
 from pruning_bridge.heads.importance import gradient_head_importance, mean_gate_importance
 from pruning_bridge.heads.routing import HeadRouter, RoutedHeads, load_balancing_loss, top_k_for
 from pruning_bridge.heads.training import RouterTrainingError, lm_loss, train_router, training_windows
@@ -172,7 +173,7 @@ def test_save_and_load(tiny, tmp_path):
     with pytest.raises(ValueError, match="trained for"):
         RoutedHeads.load(tmp_path, SimpleNamespace(config=LlamaConfig(
             hidden_size=64, num_attention_heads=4, num_hidden_layers=2)))
-    with pytest.raises(FileNotFoundError, match="No saved router"):
+    with pytest.raises(UsageError, match="No saved router"):
         RoutedHeads.load(tmp_path / "missing", bridge)
 
 

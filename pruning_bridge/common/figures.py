@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 
 
 def save_figure(fig: go.Figure, path: str | Path, png: bool = True) -> list[Path]:
-    """Write ``path.html`` (self-contained) and, if possible, ``path.png``; return what was written."""
+    """Write ``path.html`` (self-contained) and, if possible, ``path.png``; return the paths."""
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     html = path.with_suffix(".html")

@@ -247,7 +247,8 @@ def load_wikitext2(split: str = "test", data_dir: str | Path | None = None) -> s
         return _join_lines(path.read_bytes().decode("utf-8").split("\n"))
 
     hub_split = "validation" if split == "valid" else split
-    rows = load_hub_dataset("WikiText-2 (wikitext)", "wikitext", "wikitext-2-raw-v1", split=hub_split)
+    rows = load_hub_dataset("WikiText-2 (wikitext)", "wikitext", "wikitext-2-raw-v1",
+                            split=hub_split)
     return _join_lines(rows["text"])
 
 

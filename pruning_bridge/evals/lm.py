@@ -17,6 +17,12 @@ from ..common.errors import UsageError
 from ..common.tokens import encode_batch, model_device, position_ids
 
 
+def context_length(model) -> int | None:
+    """The model's maximum context in tokens, if its config says (``max_position_embeddings``,
+    which GPT-2's ``n_positions`` is an alias of); None for a model without a config."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def _accepts(model, argument: str) -> bool:
     try:
         return argument in inspect.signature(model.forward).parameters

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from ..common.errors import UsageError
 from ..common.tokens import encode_batch
 from .data import MMLUQuestion, load_mmlu, mmlu_subset
-from .lm import batches_by_length, forward_logits
+from .lm import batches_by_length, context_length, forward_logits
 from .result import EvalResult
 
 LETTERS = "ABCD"
@@ -103,11 +103,6 @@ def mmlu_result(questions: Sequence[MMLUQuestion], scores: torch.Tensor,
         per_subject={s: sum(c) / len(c) for s, c in sorted(by_subject.items())},
         records=records,
     )
-
-
-def context_length(model) -> int | None:
-    """The model's maximum context in tokens, if its config says."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def mmlu_accuracy(model, tokenizer: PreTrainedTokenizerBase,

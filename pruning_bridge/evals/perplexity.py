@@ -17,16 +17,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..common.errors import UsageError
-from .lm import forward_logits
+from .lm import context_length, forward_logits
 from .result import EvalResult
 
 
 def default_window(model, cap: int = 2048) -> int:
     """min(model context, ``cap``)."""
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
-                                                                          None)
-    return min(context or cap, cap)
+    return min(context_length(model) or cap, cap)
 
 
 def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, window: int,

@@ -98,12 +98,6 @@ def top_k_for(fraction: float, n_heads: int, n_shared: int) -> int:
     return min(max(k, 1), n_heads - n_shared)
 
 
-def attention_dims(config) -> tuple[int, int]:
-    """``(d_model, n_heads)`` of a config (see ``pruning_bridge.bridge.model_dims``)."""
-    dims = model_dims(config)
-    return dims.d_model, dims.n_heads
-
-
 class RoutedHeads(nn.Module):
     """A router per routed layer, applied to a ``HookBridge`` by ``routing()``.
 
@@ -243,8 +237,8 @@ class RoutedHeads(nn.Module):
         """A router set saved by ``save`` for ``model_or_bridge`` (its shapes are checked)."""
         path = Path(path)
         if not (path / "router.json").exists():
-            raise FileNotFoundError(f"No saved router in {path} (expected router.json and "
-                                    f"router.pt, written by RoutedHeads.save).")
+            raise UsageError(f"No saved router in {path} (expected router.json and router.pt, "
+                             f"written by RoutedHeads.save).")
         settings = json.loads((path / "router.json").read_text())
         dims = model_dims(model_or_bridge.config)
         n_heads, n_layers = dims.n_heads, dims.n_layers

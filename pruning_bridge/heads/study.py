@@ -17,12 +17,12 @@ from typing import Sequence
 
 from torch import Tensor, tensor
 
-from ..bridge import HookBridge
+from ..bridge import HookBridge, model_dims
 from ..common.errors import UsageError
 from ..evals.tasks import EvalSettings
 from ..pruning.weight_sweep import calibration_texts
 from .importance import gradient_head_importance, mean_gate_importance
-from .routing import RoutedHeads, attention_dims, top_k_for
+from .routing import RoutedHeads, top_k_for
 from .sweep import REPORT_FRACTIONS, fingerprint, head_sweep
 from .training import RouterTrainingLog, train_router, training_windows
 
@@ -84,7 +84,7 @@ def run_head_study(model, tokenizer, out: str | Path, settings: EvalSettings, *,
     train_ids = training_windows(tokenizer, train_texts, seq_len)
     eval_ids = training_windows(tokenizer, eval_texts, seq_len)[:importance_windows]
 
-    n_heads = attention_dims(bridge.config)[1]
+    n_heads = model_dims(bridge.config).n_heads
     ks = {fraction: top_k_for(fraction, n_heads, n_shared) for fraction in fractions}
     figure_k = top_k if top_k is not None else min(ks.values())
     routers, logs = {}, {}

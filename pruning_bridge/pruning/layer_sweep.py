@@ -28,7 +28,8 @@ from ..common.sweep import SweepRow, as_log, pending_tasks, result_row, run_swee
 from ..common.tokens import encode_batch
 from ..evals.data import load_wikitext2
 from ..evals.lm import batches_by_length
-from ..evals.mmlu import context_length, letter_token_ids, mmlu_prompts, mmlu_result
+from ..evals.lm import context_length
+from ..evals.mmlu import letter_token_ids, mmlu_prompts, mmlu_result
 from ..evals.perplexity import nll_sum, token_windows
 from ..evals.tasks import METRICS, EvalSettings, TaskEvaluator, perplexity_batch
 from .layers import decoder_layers, prefix_reused_logits, skip_layers

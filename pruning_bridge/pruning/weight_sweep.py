@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from numbers import Real
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,7 +18,7 @@ from ..common.errors import UsageError
 from ..common.sweep import Prepared, SweepRow, run_sweep
 from ..evals.data import DataNotFoundError, load_hub_dataset
 from ..evals.tasks import EvalSettings, TaskEvaluator
-from .weights import input_norms, magnitude_prune, wanda_prune
+from .weights import check_sparsity, input_norms, magnitude_prune, wanda_prune
 
 REPORT_SPARSITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 METHODS = ("magnitude", "wanda")
@@ -79,12 +78,8 @@ def weight_sweep(model, tokenizer, settings: EvalSettings,
         raise UsageError(f"Unknown pruning methods {unknown}; choose from {', '.join(METHODS)}.")
     if scope not in SCOPES:
         raise UsageError(f"Unknown scope {scope!r}; choose from {', '.join(SCOPES)}.")
-    bad = [s for s in sparsities if isinstance(s, bool) or not isinstance(s, Real)
-           or not 0 <= s < 1]
-    if bad:  # checked before the dense row is evaluated
-        hint = " (percentages? divide by 100)" if all(1 <= s <= 100 for s in bad) else ""
-        raise UsageError(f"Sparsities must be fractions in [0, 1), e.g. 0.5 to zero half of "
-                         f"the weights; got {bad}{hint}.")
+    for sparsity in sparsities:  # all checked before the dense row is evaluated
+        check_sparsity(sparsity)
     norms_cache = []
 
     def norms():  # measured once, on the dense model, when the first Wanda row needs them

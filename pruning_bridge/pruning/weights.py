@@ -73,7 +73,7 @@ def _from_rows(module: nn.Module, mask: Tensor) -> Tensor:
     return mask.T.contiguous() if isinstance(module, Conv1D) else mask
 
 
-def _check_sparsity(sparsity: float) -> None:
+def check_sparsity(sparsity: float) -> None:
     """A ValueError unless ``sparsity`` is a fraction in [0, 1)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, Real) or not 0 <= sparsity < 1:
         percent = isinstance(sparsity, Real) and 1 <= sparsity < 100
@@ -162,7 +162,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "per_matrix"
     ``round(sparsity * total)`` masked (ties: see ``_global_masks``); the threshold is found by
     counting, never by concatenating the weights into one copy.
     """
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     if scope not in SCOPES:
         raise UsageError(f"scope must be one of {SCOPES}; got {scope!r}.")
     weights = {name: m.weight for name, m in prunable_linears(model, include, exclude).items()}
@@ -232,7 +232,7 @@ def wanda_masks(model: nn.Module, norms: Mapping[str, Tensor], sparsity: float,
     loses exactly ``round(sparsity * in_features)`` weights (Wanda's code uses ``int()``),
     ties broken by the lowest input index.
     """
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     return {name: _from_rows(module, _smallest(score, round(sparsity * score.shape[1])))
             for name, module, score in _scores(model, norms, include, exclude)}
 
