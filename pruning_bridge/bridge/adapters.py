@@ -30,12 +30,14 @@ class Point:
     """
 
     module: str  # path relative to the layer ("self_attn.o_proj"), or to the model for globals
-    io: str  # "input" or "output"
+    io: str  # "input", "output", or "norm" (a norm module: its input in, its output out)
     names: tuple[str, ...]
-    split: Callable[[object, dict], Views]
-    merge: Callable[[object, Views, dict], object]
+    split: Callable[[object, dict], Views] | None = None
+    merge: Callable[[object, Views, dict], object] | None = None
     needs: tuple[str, ...] = ()  # names of earlier points (by ``key``) this one uses
     key: str = ""
+    computed: bool = False  # the views are computed, not the model's own tensors: an in-place
+    # edit of them must be detected and written back
 
 
 def _first(raw):
@@ -148,20 +150,23 @@ class Adapter:
     def norm_kind(self) -> str:
         return self.arch.norm
 
-    def normalized(self, norm: torch.nn.Module, x: Tensor) -> Tensor:
-        """The final norm's input, normalised but before its learned scale (TransformerLens)."""
-        if self.norm_kind == "rms":
-            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-            h = x.to(torch.float32)
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-            return h.to(x.dtype)
-        h = x - x.mean(-1, keepdim=True)
-        return h / (h.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+def norm_parts(norm: torch.nn.Module, x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """A norm's input as TransformerLens splits it: ``(centred, scale)``, both fp32.
 
-    def denormalize(self, norm: torch.nn.Module, h: Tensor, dtype: torch.dtype) -> Tensor:
-        """The final norm's output for a normalised value ``h`` (its scale, and bias if any)."""
-        out = norm.weight * h.to(dtype)
-        return out + norm.bias if getattr(norm, "bias", None) is not None else out
+    LayerNorm: ``x - mean`` and ``sqrt(var + eps)``; RMSNorm: ``x`` and ``sqrt(mean(x^2) + eps)``.
+    ``centred / scale`` is ``hook_normalized``; ``scale`` (``[..., 1]``) is ``hook_scale``.
+    """
+    h = x.to(torch.float32)
+    if kind == "layer":
+        h = h - h.mean(-1, keepdim=True)
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    return h, (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def denormalize(norm: torch.nn.Module, normalized: Tensor, dtype: torch.dtype) -> Tensor:
+    """A norm's output for its normalised input: the learned scale (and bias, if any)."""
+    out = norm.weight * normalized.to(dtype)
+    return out + norm.bias if getattr(norm, "bias", None) is not None else out
 
 
 def _layer_points(arch: Architecture, d_head: int, parallel: bool) -> tuple[Point, ...]:
@@ -176,16 +181,26 @@ def _layer_points(arch: Architecture, d_head: int, parallel: bool) -> tuple[Poin
                      *_fused_qkv(arch.qkv_layout, d_head)),)
     resid_mid = () if parallel else (
         Point(arch.attention, "output", ("hook_resid_mid",), *_resid_mid(),
-              needs=("resid_pre",)),)
+              needs=("resid_pre",), computed=True),)
+    mlp_in = (Point(arch.mlp_in, "output", ("mlp.hook_pre",),
+                    *_named("mlp.hook_pre", _plain, _plain_merge)),)
+    if arch.mlp_in_linear:
+        mlp_in += (Point(arch.mlp_in_linear, "output", ("mlp.hook_pre_linear",),
+                         *_named("mlp.hook_pre_linear", _plain, _plain_merge)),)
     return (
         Point("", "input", ("hook_resid_pre",), *_named("hook_resid_pre", _plain, _plain_merge),
               key="resid_pre"),
+        Point(arch.ln1, "norm", ("ln1.hook_scale", "ln1.hook_normalized"), computed=True),
         *qkv,
         Point(arch.attn_out, "input", ("attn.hook_z",), *_named("attn.hook_z", heads,
                                                                   heads_merge)),
         Point(arch.attention, "output", ("hook_attn_out",),
               *_named("hook_attn_out", _plain, _plain_merge)),
         *resid_mid,
+        Point(arch.ln2, "norm", ("ln2.hook_scale", "ln2.hook_normalized"), computed=True),
+        *mlp_in,
+        Point(arch.mlp_out, "input", ("mlp.hook_post",),
+              *_named("mlp.hook_post", _plain, _plain_merge)),
         Point(arch.mlp, "output", ("hook_mlp_out",),
               *_named("hook_mlp_out", _plain, _plain_merge)),
         Point("", "output", ("hook_resid_post",),
@@ -201,4 +216,5 @@ def adapter_for(model) -> Adapter:
     return Adapter(arch, dims.n_layers, _layer_points(arch, dims.d_head, parallel), parallel)
 
 
-__all__ = ["Adapter", "Point", "UnsupportedArchitectureError", "adapter_for"]
+__all__ = ["Adapter", "Point", "UnsupportedArchitectureError", "adapter_for", "denormalize",
+           "norm_parts"]

@@ -43,15 +43,23 @@ class Architecture:
     qkv_layout: str
     attn_out: str  # the output projection, from a block: its input is hook_z
     mlp: str  # the MLP module, from a block: its output is hook_mlp_out
-    mlp_out: str  # the MLP's output projection, from a block
+    mlp_in: str  # the MLP's first projection, from a block: its output is mlp.hook_pre
+    mlp_out: str  # the MLP's output projection, from a block: its input is mlp.hook_post
+    ln1: str  # the norm before attention, from a block
+    ln2: str  # the norm before the MLP, from a block
+    mlp_in_linear: str | None = None  # gated MLPs: the linear (up) projection, mlp.hook_pre_linear
     norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm)
     pos_embed: str | None = None  # learned absolute positions
     parallel_flag: str | None = None  # config flag: attention and MLP both read resid_pre
     weights_in_out: bool = False  # weights stored [in, out] (GPT-2's Conv1D), not [out, in]
-    gated_mlp: bool = True
     qk_norm: bool = False
     tl_architecture: str | None = None  # TransformerLens's original_architecture
     tl_converter: str | None = None  # its weight converter in transformer_lens.pretrained
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP multiplies an activated and a linear projection (Llama's SwiGLU)."""
+        return self.mlp_in_linear is not None
 
     def parallel(self, config) -> bool:
         """Whether attention and MLP read the same input (then there is no ``hook_resid_mid``)."""
@@ -62,7 +70,8 @@ _LLAMA = Architecture(
     family="llama", blocks="model.layers", embed="model.embed_tokens",
     layer_input="model.embed_tokens", final_norm="model.norm", attention="self_attn",
     qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), qkv_layout="separate",
-    attn_out="self_attn.o_proj", mlp="mlp", mlp_out="mlp.down_proj",
+    attn_out="self_attn.o_proj", mlp="mlp", mlp_in="mlp.gate_proj", mlp_out="mlp.down_proj",
+    mlp_in_linear="mlp.up_proj", ln1="input_layernorm", ln2="post_attention_layernorm",
     tl_architecture="LlamaForCausalLM", tl_converter="convert_llama_weights")
 
 ARCHITECTURES: dict[str, Architecture] = {  # by config.model_type
@@ -77,15 +86,16 @@ ARCHITECTURES: dict[str, Architecture] = {  # by config.model_type
         family="gpt2", blocks="transformer.h", embed="transformer.wte",
         pos_embed="transformer.wpe", layer_input="transformer.drop",
         final_norm="transformer.ln_f", attention="attn", qkv=("attn.c_attn",),
-        qkv_layout="stacked", attn_out="attn.c_proj", mlp="mlp", mlp_out="mlp.c_proj",
-        norm="layer", weights_in_out=True, gated_mlp=False,
+        qkv_layout="stacked", attn_out="attn.c_proj", mlp="mlp", mlp_in="mlp.c_fc",
+        mlp_out="mlp.c_proj", ln1="ln_1", ln2="ln_2", norm="layer", weights_in_out=True,
         tl_architecture="GPT2LMHeadModel", tl_converter="convert_gpt2_weights"),
     "gpt_neox": Architecture(
         family="gpt_neox", blocks="gpt_neox.layers", embed="gpt_neox.embed_in",
         layer_input="gpt_neox.emb_dropout", final_norm="gpt_neox.final_layer_norm",
         attention="attention", qkv=("attention.query_key_value",), qkv_layout="per_head",
-        attn_out="attention.dense", mlp="mlp", mlp_out="mlp.dense_4h_to_h", norm="layer",
-        parallel_flag="use_parallel_residual", gated_mlp=False,
+        attn_out="attention.dense", mlp="mlp", mlp_in="mlp.dense_h_to_4h",
+        mlp_out="mlp.dense_4h_to_h", ln1="input_layernorm", ln2="post_attention_layernorm",
+        norm="layer", parallel_flag="use_parallel_residual",
         tl_architecture="GPTNeoXForCausalLM", tl_converter="convert_neox_weights"),
 }
 

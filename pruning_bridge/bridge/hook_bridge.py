@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..common.errors import UsageError
 from ..common.tokens import position_ids as mask_position_ids
-from .adapters import Adapter, adapter_for
+from .adapters import Adapter, adapter_for, denormalize, norm_parts
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Names = Iterable[str] | Callable[[str], bool] | None
@@ -73,9 +73,9 @@ class HookBridge:
         n = self.adapter.n_layers
         per_layer = [name for point in self.adapter.layer_points for name in point.names]
         self.hook_names: list[str] = (
-            ["hook_embed"]
+            ["hook_embed"] + (["hook_pos_embed"] if self.adapter.arch.pos_embed else [])
             + [f"blocks.{layer}.{name}" for layer in range(n) for name in per_layer]
-            + ["ln_final.hook_normalized"])
+            + ["ln_final.hook_scale", "ln_final.hook_normalized"])
         self._order = {name: i for i, name in enumerate(self.hook_names)}
 
     # ---------------------------------------------------------------- the model-like surface
@@ -150,31 +150,54 @@ class HookBridge:
         """Inside a trace: visit the needed points in execution order, cache and edit them."""
         wanted = set(hooks) | cached
 
-        def visit(name: str, value: Tensor) -> Tensor | None:
+        def visit(name: str, value: Tensor, computed: bool = False) -> Tensor | None:
+            """Run the hooks of ``name``; the edited value, or None if nothing changed it.
+
+            A hook returns a replacement or edits in place. The model's own tensors carry an
+            in-place edit by themselves; a ``computed`` value (resid_mid, a norm's parts) is
+            compared with a copy, so that an in-place edit of it is written back too.
+            """
             edited = None
             for fn in hooks.get(name, ()):
+                before = value.detach().clone() if computed else None
                 out = fn(value, name)
                 if out is not None:  # keep the model's dtype (an fp32 edit on a bf16 model)
                     value = edited = out.to(value.dtype)
+                elif computed and not torch.equal(value, before):
+                    edited = value
             if name in cached:
                 cache[name] = value.detach().clone()
             return edited
 
-        if "hook_embed" in wanted:
-            envoy = self._envoy(self.adapter.embed)
-            new = visit("hook_embed", envoy.output)
-            if new is not None:
-                envoy.output = new.to(envoy.output.dtype)
+        for name, path in (("hook_embed", self.adapter.embed),
+                           ("hook_pos_embed", self.adapter.arch.pos_embed)):
+            if name in wanted:
+                envoy = self._envoy(path)
+                new = visit(name, envoy.output)
+                if new is not None:
+                    envoy.output = new.to(envoy.output.dtype)
         layers = sorted({layer for n in wanted if (layer := _layer_of(n)) is not None})
         for layer in layers:
             self._interleave_layer(layer, wanted, visit)
-        if "ln_final.hook_normalized" in wanted:
-            norm = self._envoy(self.adapter.final_norm)
-            module = self.model.get_submodule(self.adapter.final_norm)
-            x = norm.input
-            new = visit("ln_final.hook_normalized", self.adapter.normalized(module, x))
-            if new is not None:
-                norm.output = self.adapter.denormalize(module, new, norm.output.dtype)
+        if {"ln_final.hook_scale", "ln_final.hook_normalized"} & wanted:
+            self._visit_norm(self.adapter.final_norm, "ln_final.", visit)
+
+    def _visit_norm(self, path: str, prefix: str, visit) -> None:
+        """A norm as TransformerLens sees it: ``hook_scale``, then ``hook_normalized`` (computed
+        from the possibly edited scale), then the learned scale and bias; the output is replaced
+        only when a hook changed something."""
+        envoy = self._envoy(path)
+        module = self.model.get_submodule(path)
+        x = envoy.input
+        centred, scale = norm_parts(module, x, self.adapter.norm_kind)
+        new_scale = visit(prefix + "hook_scale", scale, True)
+        if new_scale is not None:
+            scale = new_scale
+        normalized = (centred / scale).to(x.dtype)
+        new = visit(prefix + "hook_normalized", normalized, True)
+        if new_scale is not None or new is not None:
+            envoy.output = denormalize(module, normalized if new is None else new,
+                                       envoy.output.dtype)
 
     def _interleave_layer(self, layer: int, wanted: set[str], visit) -> None:
         prefix = f"blocks.{layer}."
@@ -186,7 +209,11 @@ class HookBridge:
         for point, is_active in zip(points, active):
             if not is_active and point.key not in needed_keys:
                 continue
-            envoy = self._envoy(layer_path + ("." + point.module if point.module else ""))
+            path = layer_path + ("." + point.module if point.module else "")
+            if point.io == "norm":
+                self._visit_norm(path, prefix + point.names[0].split(".")[0] + ".", visit)
+                continue
+            envoy = self._envoy(path)
             raw = envoy.input if point.io == "input" else envoy.output
             if point.key:
                 ctx[point.key] = raw[0] if isinstance(raw, tuple) else raw
@@ -194,7 +221,7 @@ class HookBridge:
                 continue
             edited = {}
             for short, value in point.split(raw, ctx).items():
-                new = visit(prefix + short, value)
+                new = visit(prefix + short, value, point.computed)
                 if new is not None:
                     edited[short] = new
             if edited:

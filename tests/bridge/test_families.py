@@ -62,6 +62,33 @@ def test_every_hook_equals_transformer_lens(tiny, name):
     torch.testing.assert_close(logits, tl_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_both_hook_styles_on_every_hook_equal_transformer_lens(tiny, name):
+    """A hook may return a replacement or edit in place and return None: on every hook point
+    (computed ones such as resid_mid and the norms' parts included) both change the logits
+    exactly as the same edit does in TransformerLens."""
+    model, tok = tiny(name)
+    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+
+    def returning(x, *args, **kwargs):
+        return x * 1.5 + 0.25
+
+    def in_place(x, name):
+        x.mul_(1.5).add_(0.25)
+
+    clean = bridge(ids)
+    for hook in bridge.hook_names:
+        with torch.no_grad():
+            expected = hooked.run_with_hooks(ids, fwd_hooks=[(hook, returning)])
+        for fn in (returning, in_place):
+            with bridge.hooks([(hook, fn)]):
+                edited = bridge(ids)
+            torch.testing.assert_close(edited, expected, atol=1e-4, rtol=1e-4,
+                                       msg=f"{hook} ({fn.__name__})")
+        assert not torch.allclose(edited, clean, atol=1e-5), hook
+
+
 @pytest.mark.parametrize("name", NEW)
 @pytest.mark.parametrize("hook", ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k",
                                   "blocks.1.attn.hook_v", "blocks.1.attn.hook_z",
