@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -27,6 +27,7 @@ from torch import Tensor
 from ..common.errors import UsageError
 from ..common.tokens import position_ids as mask_position_ids
 from .adapters import Adapter, adapter_for, denormalize, norm_parts
+from .attention import PATTERN_NAMES, ROTARY_NAMES, exposed
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Names = Iterable[str] | Callable[[str], bool] | None
@@ -72,6 +73,9 @@ class HookBridge:
         self._hooks: list[tuple[str, HookFn]] = []
         n = self.adapter.n_layers
         per_layer = [name for point in self.adapter.layer_points for name in point.names]
+        rotary = () if self.adapter.arch.pos_embed else ROTARY_NAMES  # (TransformerLens's order)
+        per_layer[per_layer.index("attn.hook_z"):0] = [*rotary, *PATTERN_NAMES]
+        self._attention_names = set(rotary) | set(PATTERN_NAMES)
         self.hook_names: list[str] = (
             ["hook_embed"] + (["hook_pos_embed"] if self.adapter.arch.pos_embed else [])
             + [f"blocks.{layer}.{name}" for layer in range(n) for name in per_layer]
@@ -145,10 +149,9 @@ class HookBridge:
             envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
         return envoy
 
-    def _interleave(self, hooks: dict[str, list[HookFn]], cached: set[str],
-                    cache: dict[str, Tensor]) -> None:
-        """Inside a trace: visit the needed points in execution order, cache and edit them."""
-        wanted = set(hooks) | cached
+    def _visitor(self, hooks: dict[str, list[HookFn]], cached: set[str],
+                 cache: dict[str, Tensor]) -> Callable:
+        """The function that runs a hook point's hooks and caches it (see ``visit``)."""
 
         def visit(name: str, value: Tensor, computed: bool = False) -> Tensor | None:
             """Run the hooks of ``name``; the edited value, or None if nothing changed it.
@@ -169,6 +172,14 @@ class HookBridge:
                 cache[name] = value.detach().clone()
             return edited
 
+        return visit
+
+    def _needs_attention(self, wanted: set[str]) -> bool:
+        """Whether a trace touches scores, patterns or rotated q/k (then hooked_attention runs)."""
+        return any(name.split(".", 2)[-1] in self._attention_names for name in wanted)
+
+    def _interleave(self, wanted: set[str], visit) -> None:
+        """Inside a trace: visit the needed points in execution order, cache and edit them."""
         for name, path in (("hook_embed", self.adapter.embed),
                            ("hook_pos_embed", self.adapter.arch.pos_embed)):
             if name in wanted:
@@ -268,10 +279,15 @@ class HookBridge:
             return self.model(input_ids=ids, **model_kwargs).logits, ActivationCache({},
                                                                                     attention_mask)
         cache: dict[str, Tensor] = {}
-        with self.lm.trace(ids, **model_kwargs):
-            self._interleave(hooks, cached, cache)
+        visit, wanted = self._visitor(hooks, cached, cache), set(hooks) | cached
+        with self._attention(wanted, visit), self.lm.trace(ids, **model_kwargs):
+            self._interleave(wanted, visit)
             logits = self.lm.output.logits.save()
         return logits, ActivationCache(cache, attention_mask)
+
+    def _attention(self, wanted: set[str], visit):
+        """``hooked_attention`` for this trace if it touches scores / patterns / rotated q,k."""
+        return exposed(self.model, visit) if self._needs_attention(wanted) else nullcontext()
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         """Logits ``[batch, pos, vocab]``, with the active hooks (an HF-like call for evals)."""
@@ -326,12 +342,19 @@ class HookBridge:
         return out
 
     def _generate_hooked(self, ids, attention_mask, max_new_tokens, hooks, kwargs) -> Tensor:
-        with warnings.catch_warnings():
+        visit, wanted = self._visitor(hooks, set(), {}), set(hooks)
+        if all(name.split(".", 2)[-1] in self._attention_names for name in wanted):
+            # only attention internals: hooked_attention does everything (an nnsight
+            # generation whose steps touch no module would never advance)
+            with self._attention(wanted, visit):
+                return self.model.generate(input_ids=ids, attention_mask=attention_mask,
+                                           max_new_tokens=max_new_tokens, **kwargs)
+        with warnings.catch_warnings(), self._attention(wanted, visit):
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with self.lm.generate(max_new_tokens=max_new_tokens, **kwargs) as tracer:
                 with tracer.invoke(ids, attention_mask=attention_mask):
                     for _ in tracer.all():
-                        self._interleave(hooks, set(), {})
+                        self._interleave(wanted, visit)
                 with tracer.invoke():
                     result = tracer.result.save()
         return result

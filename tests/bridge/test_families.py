@@ -141,6 +141,79 @@ def test_generation_with_a_hook_equals_stepwise_decoding(tiny, name):
     assert torch.equal(out, ids)
 
 
+# ---------------------------------------------------------------- attention internals
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_patterns_equal_hf_eager_attention_and_keep_the_kernel(tiny, name):
+    """Patterns equal HF's eager attention weights on a left-padded batch; only traces that
+    touch them run the bridge's attention, and the logits agree with the model's own kernel."""
+    model, tok = tiny(name)
+    bridge = HookBridge(model, tok)
+    ids, mask = bridge.to_tokens(PROMPTS)
+    kernel = model.config._attn_implementation
+    logits, cache = bridge.run_with_cache(ids, ["blocks.2.attn.hook_pattern",
+                                                "blocks.2.attn.hook_attn_scores"],
+                                          attention_mask=mask)
+    assert model.config._attn_implementation == kernel == "sdpa"
+    torch.testing.assert_close(logits, run(model, ids, mask), atol=1e-4, rtol=0)
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).attentions[2]
+    pattern, scores = cache["blocks.2.attn.hook_pattern"], cache["blocks.2.attn.hook_attn_scores"]
+    real = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]  # both tokens real
+    torch.testing.assert_close(pattern[real.expand_as(pattern)],
+                               weights.float()[real.expand_as(weights)], atol=1e-5, rtol=0)
+    assert torch.isneginf(scores[~real.expand_as(scores) & (pattern == 0)]).all()
+    rows = pattern.sum(-1)[mask.bool()[:, None, :].expand(-1, pattern.shape[1], -1)]
+    torch.testing.assert_close(rows, torch.ones_like(rows))  # every real query attends somewhere
+
+
+@pytest.mark.parametrize("name", NEW + ["tiny-gpt2"])
+def test_pattern_edits_during_generation_equal_stepwise_decoding(tiny, name):
+    """Under the KV cache each step's pattern spans the cached keys; zeroing a head's pattern
+    while generating equals decoding step by step without a cache under the same edit."""
+    model, tok = tiny(name)
+    bridge = HookBridge(model, tok)
+    shapes = []
+
+    def zero_head(pattern, name):
+        shapes.append(tuple(pattern.shape))
+        pattern[:, 1] = 0
+
+    hooks = [("blocks.1.attn.hook_pattern", zero_head)]
+    with bridge.hooks(hooks):
+        out = bridge.generate(PROMPTS, max_new_tokens=4, return_text=False)
+    ids, mask = bridge.to_tokens(PROMPTS)
+    width = ids.shape[1]
+    assert shapes[0][2:] == (width, width) and shapes[1][2:] == (1, width + 1)
+    for _ in range(4):
+        with bridge.hooks(hooks):
+            nxt = bridge(ids, mask, use_cache=False)[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, ids)
+    with bridge.hooks(hooks + [("blocks.2.hook_resid_post", lambda x, n: None)]):  # + nnsight
+        assert torch.equal(bridge.generate(PROMPTS, max_new_tokens=4, return_text=False), out)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_patterns_in_bf16_and_with_heads_removed(tiny):
+    model, tok = tiny("tiny-llama")
+    half = HookBridge(copy.deepcopy(model).to(torch.bfloat16), tok)
+    logits, cache = half.run_with_cache(PROMPTS, ["blocks.0.attn.hook_pattern"])
+    assert cache["blocks.0.attn.hook_pattern"].dtype == torch.float32  # scores read in fp32
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    pruned = remove_heads(copy.deepcopy(model), {0: [1], 2: [0, 1]})  # layer 2 loses kv 0
+    _, cache = HookBridge(pruned, tok).run_with_cache(
+        PROMPTS, ["blocks.0.attn.hook_pattern", "blocks.2.attn.hook_pattern",
+                  "blocks.2.attn.hook_rot_k"])
+    assert cache["blocks.0.attn.hook_pattern"].shape[1] == 3
+    assert cache["blocks.2.attn.hook_pattern"].shape[1] == 2
+    assert cache["blocks.2.attn.hook_rot_k"].shape[2] == 1  # its one remaining kv head
+
+
 # ---------------------------------------------------------------- layers
 
 

@@ -6,7 +6,6 @@ import hashlib
 import pytest
 import torch
 
-from lens_safety.hooked import hooked_from_hf
 from pruning_bridge.bridge import UnsupportedArchitectureError
 from pruning_bridge.bridge import HookBridge, UnknownHookError
 
@@ -40,29 +39,16 @@ def bridges(tiny):
     return get
 
 
-def test_gpt2_cache_equals_transformer_lens(bridges, tiny):
-    bridge = bridges("tiny-gpt2")
-    model, tok = tiny("tiny-gpt2")
-    hooked = hooked_from_hf(model, tok)
-    ids = tok("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
-    logits, cache = bridge.run_with_cache(ids)
-    with torch.no_grad():
-        tl_logits, tl_cache = hooked.run_with_cache(ids)
-    assert set(bridge.hook_names) <= set(tl_cache.keys())
-    for name in bridge.hook_names:
-        diff = (cache[name] - tl_cache[name]).abs().max().item()
-        assert cache[name].shape == tl_cache[name].shape, name
-        assert diff <= 1e-4, (name, diff)
-    assert (logits - tl_logits).abs().max().item() <= 1e-4
-
-
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3"])
 def test_llama_qwen3_cache_against_hf(bridges, tiny, arch):
     check_llama_like(bridges(arch), *tiny(arch))
 
 
 def check_llama_like(bridge, model, tok):
-    logits, cache = bridge.run_with_cache(PROMPTS)
+    """Against HF's own forward (its sdpa kernel): so no attention-internal names, which switch
+    the trace to the bridge's eager attention (equal to ~1e-5, tested in test_families)."""
+    logits, cache = bridge.run_with_cache(
+        PROMPTS, names=lambda n: not any(k in n for k in ("rot_", "attn_scores", "pattern")))
     ids, mask = bridge.to_tokens(PROMPTS)
     assert torch.equal(cache.attention_mask, mask)
     out = hf_run(model, ids, mask, output_hidden_states=True)
