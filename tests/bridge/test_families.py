@@ -89,6 +89,62 @@ def test_both_hook_styles_on_every_hook_equal_transformer_lens(tiny, name):
         assert not torch.allclose(edited, clean, atol=1e-5), hook
 
 
+def tl_gap(bridge, tl_names) -> set[str]:
+    """TransformerLens hook names (per layer with the block prefix dropped) the bridge lacks."""
+    def short(n):
+        return n.split(".", 2)[-1] if n.startswith("blocks.") else n
+    return {short(n) for n in tl_names} - {short(n) for n in bridge.hook_names}
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_the_transformer_lens_names_the_bridge_does_not_offer(tiny, name):
+    """The gap, visible: only the unembedding's hooks (and Qwen3's q/k norms) are missing."""
+    model, tok = tiny(name)
+    with torch.no_grad():
+        _, tl_cache = hooked_from_hf(model, tok).run_with_cache(
+            tok(TEXT, return_tensors="pt")["input_ids"])
+    gap = {"unembed.hook_in", "unembed.hook_out"}
+    if name == "tiny-qwen3":
+        gap |= {f"attn.{n}_norm.hook_{k}" for n in "qk" for k in ("scale", "normalized")}
+    assert tl_gap(HookBridge(model, tok), tl_cache) == gap
+
+
+@pytest.mark.slow
+def test_smollm2_every_hook_and_edit_equals_transformer_lens(smollm2):
+    """The real SmolLM2 (Llama family) through hooked_from_hf: every shared name <= 1e-4, and
+    zeroing a head's pattern or scaling mlp.hook_post gives the same logits through both."""
+    model, tok = smollm2
+    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    logits, cache = bridge.run_with_cache(ids)
+    with torch.no_grad():
+        tl_logits, tl_cache = hooked.run_with_cache(ids)
+    for hook in bridge.hook_names:  # SmolLM2 has massive activations (|x| ~ 8e3 late in the
+        # stream): differences are measured relative to each tensor's largest entry
+        ours, theirs = cache[hook], tl_cache[hook]
+        finite = torch.isfinite(theirs)
+        assert torch.equal(torch.isfinite(ours), finite), hook
+        largest = max(1.0, theirs[finite].abs().max().item())
+        assert (ours[finite] - theirs[finite]).abs().max().item() <= 1e-4 * largest, hook
+    torch.testing.assert_close(logits, tl_logits, atol=1e-4, rtol=1e-4)
+
+    def zero_head(pattern, *args, **kwargs):
+        pattern = pattern.clone()
+        pattern[:, 3] = 0
+        return pattern
+
+    def scale(x, *args, **kwargs):
+        return x * 0.5
+
+    for edits in ([("blocks.5.attn.hook_pattern", zero_head)], [("blocks.7.mlp.hook_post", scale)]):
+        with bridge.hooks(edits):
+            edited = bridge(ids)
+        with torch.no_grad():
+            expected = hooked.run_with_hooks(ids, fwd_hooks=edits)
+        torch.testing.assert_close(edited, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(edited, logits, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", NEW)
 @pytest.mark.parametrize("hook", ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k",
                                   "blocks.1.attn.hook_v", "blocks.1.attn.hook_z",
