@@ -29,6 +29,7 @@ from pruning_bridge.evals.data import load_wikitext2
 from pruning_bridge.evals.tasks import WIKITEXT_TEST
 from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
                                     layer_removal_figure, router_loss_figure, weight_pruning_figure)
+from pruning_bridge.head_view import attention_figure, head_summary_figure
 from pruning_bridge.heads.study import run_head_study
 from pruning_bridge.models import load_model
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
@@ -232,6 +233,33 @@ def heads(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[S
     return sections
 
 
+HEAD_VIEW_TEXT = "The cat sat on the mat because it was tired, and the dog sat next to it."
+
+
+def attention(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
+    """The head view: every head's attention pattern on one sentence, at six depths."""
+    name = p["compress_model"]
+    model, tokenizer = models(name)
+    bridge = HookBridge(model, tokenizer)
+    n = bridge.adapter.n_layers
+    depths = sorted({round(i * (n - 1) / 5) for i in range(6)})
+    grid = attention_figure(bridge, HEAD_VIEW_TEXT, layers=depths,
+                            title=f"{name}: attention patterns, layers {depths} x heads")
+    summary = head_summary_figure(bridge, HEAD_VIEW_TEXT,
+                                  title=f"{name}: mean attention per head, every layer")
+    save_figure(grid, figures / "attention_heads")
+    save_figure(summary, figures / "attention_head_summary")
+    print(f"\nHead view ({name}): layers {depths}; wrote attention_heads, "
+          f"attention_head_summary")
+    return [Section(
+        f"Head view: attention patterns ({name})",
+        f"Every head's attention pattern (blocks.L.attn.hook_pattern through the HookBridge) on "
+        f"one sentence, queries as rows and keys as columns, at layers {depths}; the menu "
+        f"enlarges any head, hovering shows the query and key tokens. Below, for every layer "
+        f"and head, the mean attention of each query to the previous token (previous-token "
+        f"heads) and to the first token (attention sinks).", figures=[grid, summary])]
+
+
 def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
     """Probes per layer, the harmful direction, and projection ablation evaluated."""
     name = p["safety_model"]
@@ -304,7 +332,7 @@ def main(argv=None) -> Path:
     start = time.perf_counter()
     models = Models(args.dtype, args.device)
     sections, timings = [], {}
-    for stage in (baseline, layers, weights, heads, safety):
+    for stage in (baseline, layers, weights, heads, attention, safety):
         tic = time.perf_counter()
         kw = {} if stage is baseline else {"figures": figures}
         sections += stage(models, p, args.data_dir, out, **kw)
