@@ -38,8 +38,8 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from common import median_time
+
 from lens_safety.hooked import hooked_from_hf
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.evals import load_wikitext2
@@ -74,7 +74,7 @@ def import_nnterp():
             LanguageModel._model = property(lambda self: self._module)
         from nnterp import StandardizedTransformer
         from nnterp.rename_utils import RenameConfig
-    except Exception as exc:  # ImportError, or a shim that no longer fits
+    except Exception as exc:  # noqa: BLE001  (ImportError, or a shim that no longer fits)
         return None, f"{type(exc).__name__}: {exc}"
     return StandardizedTransformer, RenameConfig
 
@@ -194,7 +194,7 @@ def main() -> None:
             nnterp_models["B"] = StandardizedTransformer(
                 eager, tokenizer=tok, enable_attention_probs=True,
                 rename_config=RenameConfig(attn_prob_source=llama_attn_probs))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (report and skip the row)
             print(f"nnterp skipped: StandardizedTransformer failed ({type(exc).__name__}: {exc})")
             nnterp_models = {}
 
