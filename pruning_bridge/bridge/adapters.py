@@ -130,25 +130,6 @@ class Adapter:
     layer_points: tuple[Point, ...]
     parallel: bool  # attention and MLP read the same input: no hook_resid_mid
 
-    @property
-    def family(self) -> str:
-        return self.arch.family
-
-    @property
-    def layers(self) -> str:
-        return self.arch.blocks
-
-    @property
-    def embed(self) -> str:
-        return self.arch.embed
-
-    @property
-    def final_norm(self) -> str:
-        return self.arch.final_norm
-
-    @property
-    def norm_kind(self) -> str:
-        return self.arch.norm
 
 def norm_parts(norm: torch.nn.Module, x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     """A norm's input as TransformerLens splits it: ``(centred, scale)``, both fp32.

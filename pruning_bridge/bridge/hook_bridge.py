@@ -91,7 +91,7 @@ class HookBridge:
         return next(self.model.parameters()).device
 
     def __repr__(self) -> str:
-        return (f"HookBridge({self.adapter.family}, {self.adapter.n_layers} layers, "
+        return (f"HookBridge({self.adapter.arch.family}, {self.adapter.n_layers} layers, "
                 f"{len(self._hooks)} active hooks)")
 
     # ---------------------------------------------------------------- names
@@ -112,7 +112,7 @@ class HookBridge:
                        "so there is no hook_resid_mid, as in TransformerLens."
                        if name.endswith("hook_resid_mid") and self.adapter.parallel else "")
                 raise UnknownHookError(
-                    f"Unknown hook name {name!r} for this {self.adapter.family} model with "
+                    f"Unknown hook name {name!r} for this {self.adapter.arch.family} model with "
                     f"{self.adapter.n_layers} layers." + why
                     + (f" Closest valid names: {', '.join(close)}." if close else "")
                     + " See bridge.hook_names for all of them.")
@@ -180,7 +180,7 @@ class HookBridge:
 
     def _interleave(self, wanted: set[str], visit) -> None:
         """Inside a trace: visit the needed points in execution order, cache and edit them."""
-        for name, path in (("hook_embed", self.adapter.embed),
+        for name, path in (("hook_embed", self.adapter.arch.embed),
                            ("hook_pos_embed", self.adapter.arch.pos_embed)):
             if name in wanted:
                 envoy = self._envoy(path)
@@ -191,7 +191,7 @@ class HookBridge:
         for layer in layers:
             self._interleave_layer(layer, wanted, visit)
         if {"ln_final.hook_scale", "ln_final.hook_normalized"} & wanted:
-            self._visit_norm(self.adapter.final_norm, "ln_final.", visit)
+            self._visit_norm(self.adapter.arch.final_norm, "ln_final.", visit)
 
     def _visit_norm(self, path: str, prefix: str, visit) -> None:
         """A norm as TransformerLens sees it: ``hook_scale``, then ``hook_normalized`` (computed
@@ -200,7 +200,7 @@ class HookBridge:
         envoy = self._envoy(path)
         module = self.model.get_submodule(path)
         x = envoy.input
-        centred, scale = norm_parts(module, x, self.adapter.norm_kind)
+        centred, scale = norm_parts(module, x, self.adapter.arch.norm)
         new_scale = visit(prefix + "hook_scale", scale, True)
         if new_scale is not None:
             scale = new_scale
@@ -215,7 +215,7 @@ class HookBridge:
         points = self.adapter.layer_points
         active = [any(prefix + n in wanted for n in p.names) for p in points]
         needed_keys = {k for p, a in zip(points, active) if a for k in p.needs}
-        layer_path = f"{self.adapter.layers}.{layer}"
+        layer_path = f"{self.adapter.arch.blocks}.{layer}"
         ctx: dict[str, Tensor] = {}
         for point, is_active in zip(points, active):
             if not is_active and point.key not in needed_keys:
