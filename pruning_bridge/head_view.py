@@ -37,10 +37,23 @@ def _hover(tokens: list[str]) -> list[list[str]]:
     return [[f"{q!r} -> {k!r}" for k in tokens] for q in tokens]
 
 
+# clicking a head of the grid shows it enlarged (the last trace) and selects it in the menu
+CLICK_TO_ENLARGE = """
+var gd = document.getElementById('{plot_id}');
+gd.on('plotly_click', function (event) {
+  var clicked = event.points[0].curveNumber, big = gd.data.length - 1;
+  if (clicked === big) { return; }
+  Plotly.restyle(gd, {z: [gd.data[clicked].z]}, [big]);
+  Plotly.relayout(gd, {'updatemenus[0].active': clicked});
+});
+"""
+
+
 def attention_figure(bridge: HookBridge, text: str, layers: Sequence[int] | None = None,
                      title: str | None = None) -> go.Figure:
-    """A layers x heads grid of attention patterns on ``text``, and one enlarged head chosen in
-    the menu (every layer and head is an entry), tokens on hover."""
+    """A layers x heads grid of attention patterns on ``text``, and one enlarged head: click a
+    head of the grid (or pick it in the menu) to enlarge it; tokens on hover. The click handler
+    travels in ``fig.layout.meta["post_script"]`` (``save_figure`` and the report add it)."""
     tokens, patterns = attention_patterns(bridge, text, layers)
     layers = list(patterns)
     n_heads = max(p.shape[0] for p in patterns.values())
@@ -78,7 +91,8 @@ def attention_figure(bridge: HookBridge, text: str, layers: Sequence[int] | None
         coloraxis={"colorscale": "Blues", "cmin": 0, "cmax": 1},
         updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.08, yanchor="bottom",
                           direction="down", showactive=True)],
-        template="plotly_white", height=max(420, 70 * len(layers) + 160), width=None)
+        template="plotly_white", height=max(420, 70 * len(layers) + 160), width=None,
+        meta={"post_script": CLICK_TO_ENLARGE})
     return fig
 
 

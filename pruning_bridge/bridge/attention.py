@@ -3,8 +3,9 @@
 Hugging Face models compute attention inside a function, not a module, so these values have no
 module output to intercept. When a trace asks for ``attn.hook_attn_scores``, ``attn.hook_pattern``,
 ``attn.hook_rot_q`` or ``attn.hook_rot_k``, the bridge runs the model with ``hooked_attention``
-for that trace only (registered in transformers' attention interface with eager-style masks);
-every other trace keeps the model's own kernel (sdpa, flash). ``hooked_attention`` computes
+for that trace only (registered in transformers' attention interface with sdpa's boolean masks),
+and only in the layers the trace touches: the other layers run sdpa, and every other trace keeps
+the model's own kernel (sdpa, flash). ``hooked_attention`` computes
 attention as TransformerLens does: scores in fp32, masked positions ``-inf``, softmax, fully
 masked rows (left padding) 0, and the pattern times the values in the model's dtype.
 """
@@ -12,22 +13,24 @@ masked rows (left padding) 0, and the pattern times the values in the model's dt
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "hookbridge"
 ROTARY_NAMES = ("attn.hook_rot_q", "attn.hook_rot_k")
 PATTERN_NAMES = ("attn.hook_attn_scores", "attn.hook_pattern")
 Visit = Callable[[str, Tensor], Tensor | None]
-_active: list[Visit] = []  # the visit function of each trace running with hooked_attention
+# per trace running with hooked_attention: its visit function and the layers it touches
+_active: list[tuple[Visit, frozenset[int]]] = []
 
 
 def _visit(name: str, value: Tensor) -> Tensor | None:
-    return _active[-1](name, value)
+    return _active[-1][0](name, value)
 
 
 def _keep(attention_mask: Tensor | None, q_len: int, k_len: int, device) -> Tensor:
@@ -46,6 +49,9 @@ def hooked_attention(module, query: Tensor, key: Tensor, value: Tensor,
     ``query`` is ``[batch, heads, q_pos, d_head]``, ``key``/``value`` ``[batch, kv_heads,
     k_pos, d_head]`` (cached positions included); hook values have TransformerLens's shapes.
     """
+    if module.layer_idx not in _active[-1][1]:  # a layer no hook reads: the fast kernel
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     prefix = f"blocks.{module.layer_idx}.attn."
     q_len = query.shape[2]
     new = _visit(prefix + "hook_rot_q", query.transpose(1, 2))
@@ -73,16 +79,16 @@ def hooked_attention(module, query: Tensor, key: Tensor, value: Tensor,
 
 
 AttentionInterface.register(NAME, hooked_attention)
-AttentionMaskInterface.register(NAME, eager_mask)
+AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 @contextmanager
-def exposed(model, visit: Visit) -> Iterator[None]:
-    """Inside the block ``model`` runs ``hooked_attention``, which calls ``visit``."""
+def exposed(model, visit: Visit, layers: Iterable[int]) -> Iterator[None]:
+    """Inside the block ``model`` runs ``hooked_attention``, which calls ``visit`` in ``layers``."""
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = NAME
-    _active.append(visit)
+    _active.append((visit, frozenset(layers)))
     try:
         yield
     finally:

@@ -71,6 +71,9 @@ class HookBridge:
             warnings.simplefilter("ignore")
             self.lm = LanguageModel(model, tokenizer=deepcopy(tokenizer) if tokenizer else None)
         self._hooks: list[tuple[str, HookFn]] = []
+        # the attention mask of the running call's input (1 = real token), for hooks that need
+        # positions, e.g. to leave the first real token of each row alone; None between calls
+        self.input_mask: Tensor | None = None
         n = self.adapter.n_layers
         per_layer = [name for point in self.adapter.layer_points for name in point.names]
         rotary = () if self.adapter.arch.pos_embed else ROTARY_NAMES  # (TransformerLens's order)
@@ -266,6 +269,15 @@ class HookBridge:
             return self._forward(input_ids, attention_mask, position_ids, names, logits_to_keep,
                                  **kwargs)
 
+    @contextmanager
+    def _input(self, attention_mask: Tensor) -> Iterator[None]:
+        """``self.input_mask`` is ``attention_mask`` inside the block (calls may nest)."""
+        previous, self.input_mask = self.input_mask, attention_mask
+        try:
+            yield
+        finally:
+            self.input_mask = previous
+
     def _forward(self, input_ids, attention_mask, position_ids, names, logits_to_keep, **kwargs):
         ids, attention_mask = self.to_tokens(input_ids, attention_mask)
         if position_ids is None:
@@ -280,14 +292,18 @@ class HookBridge:
                                                                                     attention_mask)
         cache: dict[str, Tensor] = {}
         visit, wanted = self._visitor(hooks, cached, cache), set(hooks) | cached
-        with self._attention(wanted, visit), self.lm.trace(ids, **model_kwargs):
+        with self._input(attention_mask), self._attention(wanted, visit), \
+                self.lm.trace(ids, **model_kwargs):
             self._interleave(wanted, visit)
             logits = self.lm.output.logits.save()
         return logits, ActivationCache(cache, attention_mask)
 
     def _attention(self, wanted: set[str], visit):
         """``hooked_attention`` for this trace if it touches scores / patterns / rotated q,k."""
-        return exposed(self.model, visit) if self._needs_attention(wanted) else nullcontext()
+        if not self._needs_attention(wanted):
+            return nullcontext()
+        return exposed(self.model, visit, {_layer_of(name) for name in wanted
+                                           if name.split(".", 2)[-1] in self._attention_names})
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         """Logits ``[batch, pos, vocab]``, with the active hooks (an HF-like call for evals)."""
@@ -336,7 +352,8 @@ class HookBridge:
             out = self.model.generate(input_ids=ids, attention_mask=attention_mask,
                                       max_new_tokens=max_new_tokens, **kwargs)
         else:
-            out = self._generate_hooked(ids, attention_mask, max_new_tokens, hooks, kwargs)
+            with self._input(attention_mask):
+                out = self._generate_hooked(ids, attention_mask, max_new_tokens, hooks, kwargs)
         if return_text or (return_text is None and text_in):
             return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         return out

@@ -8,12 +8,19 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 
+def post_script(fig: go.Figure) -> str | None:
+    """JavaScript a figure asks to run after it is drawn (``fig.layout.meta["post_script"]``,
+    with ``{plot_id}`` for its div), e.g. a click handler; None if it has none."""
+    meta = fig.layout.meta
+    return meta.get("post_script") if isinstance(meta, dict) else None
+
+
 def save_figure(fig: go.Figure, path: str | Path, png: bool = True) -> list[Path]:
     """Write ``path.html`` (self-contained) and, if possible, ``path.png``; return the paths."""
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     html = path.with_suffix(".html")
-    fig.write_html(html, include_plotlyjs=True, full_html=True)
+    fig.write_html(html, include_plotlyjs=True, full_html=True, post_script=post_script(fig))
     written = [html]
     if png:
         try:

@@ -24,6 +24,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
+from .figures import post_script
+
 Rows = Sequence[Mapping[str, Any]] | pd.DataFrame
 
 CSS = """
@@ -136,7 +138,8 @@ def _section_html(section: Section, anchor: str) -> str:
              _paragraphs(section.text)]
     for k, fig in enumerate(section.figures, start=1):
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"{anchor}-fig{k}",
-                          default_height="480px", config={"displaylogo": False})
+                          default_height="480px", config={"displaylogo": False},
+                          post_script=post_script(fig))
         parts.append(f'<div class="figure">{div}</div>')
     parts += [table_html(rows, caption) for caption, rows in section.tables]
     parts.append("</section>")

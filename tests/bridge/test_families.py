@@ -9,6 +9,7 @@ import torch
 
 from lens_safety import ablate, orthogonalize
 from lens_safety.hooked import hooked_from_hf
+from pruning_bridge.bridge import attention
 from pruning_bridge.bridge import ARCHITECTURES, HookBridge, UnknownHookError, head_counts
 from pruning_bridge.heads import RoutedHeads, remove_heads
 from pruning_bridge.models import TINY_MODELS, load_head_pruned
@@ -201,17 +202,24 @@ def test_generation_with_a_hook_equals_stepwise_decoding(tiny, name):
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_patterns_equal_hf_eager_attention_and_keep_the_kernel(tiny, name):
+def test_patterns_equal_hf_eager_attention_and_keep_the_kernel(tiny, name, monkeypatch):
     """Patterns equal HF's eager attention weights on a left-padded batch; only traces that
-    touch them run the bridge's attention, and the logits agree with the model's own kernel."""
+    touch them run the bridge's attention, only in the layers they touch (the others keep
+    sdpa), and the logits agree with the model's own kernel."""
     model, tok = tiny(name)
     bridge = HookBridge(model, tok)
     ids, mask = bridge.to_tokens(PROMPTS)
     kernel = model.config._attn_implementation
+    fast_layers = []
+    sdpa = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward",
+                        lambda module, *a, **k: fast_layers.append(module.layer_idx) or
+                        sdpa(module, *a, **k))
     logits, cache = bridge.run_with_cache(ids, ["blocks.2.attn.hook_pattern",
                                                 "blocks.2.attn.hook_attn_scores"],
                                           attention_mask=mask)
     assert model.config._attn_implementation == kernel == "sdpa"
+    assert fast_layers == [i for i in range(model.config.num_hidden_layers) if i != 2]
     torch.testing.assert_close(logits, run(model, ids, mask), atol=1e-4, rtol=0)
     eager = copy.deepcopy(model)
     eager.config._attn_implementation = "eager"

@@ -1,8 +1,11 @@
 """The head view: patterns through the bridge, the summary per head, and the figures."""
 
+import re
+
 import torch
 
 from pruning_bridge.bridge import HookBridge
+from pruning_bridge.common import Section, save_figure, write_report
 from pruning_bridge.head_view import (attention_figure, attention_patterns, head_summary,
                                       head_summary_figure)
 
@@ -28,3 +31,14 @@ def test_patterns_summary_and_figures(tiny):
     assert len(heatmaps) == 2 * 4 + 1  # the grid and the enlarged head
     assert len(grid.layout.updatemenus[0].buttons) == 2 * 4
     assert len(head_summary_figure(bridge, TEXT).data) == 2
+
+
+def test_clicking_a_head_enlarges_it_in_saved_figures_and_the_report(tiny, tmp_path):
+    model, tok = tiny("tiny-llama")
+    grid = attention_figure(HookBridge(model, tok), TEXT, layers=[1])
+    html = save_figure(grid, tmp_path / "grid", png=False)[0].read_text()
+    div = re.search(r'<div id="([^"]+)" class="plotly-graph-div"', html).group(1)
+    assert f"document.getElementById('{div}')" in html and "plotly_click" in html
+    page = write_report(tmp_path / "report.html", [Section("Heads", "", figures=[grid])],
+                        title="t", settings={}, provenance={}).read_text()
+    assert "document.getElementById('heads-fig1')" in page and "plotly_click" in page
