@@ -76,16 +76,51 @@ def run_with_cache(model, ids: Tensor, attention_mask: Tensor,
     return {name: cache[name] for name in names}
 
 
-@contextmanager
-def edited(model, names: Sequence[str], edit: EditFn) -> Iterator:
-    """Inside the block ``edit(x)`` replaces the activation at each hook name (forward and
-    generation)."""
+def first_tokens(model, x: Tensor) -> Tensor | None:
+    """``[batch, pos]`` True at each row's first real token and the padding before it, for an
+    activation ``x`` ``[batch, pos, ...]`` of the running call; None in a decoding step (one new
+    position, never the first). A HookBridge knows the call's mask (left padding); a
+    HookedTransformer's inputs here are unpadded or right-padded, so position 0."""
     if is_bridge(model):
-        with model.hooks([(name, lambda x, name: edit(x)) for name in names]):
+        mask = model.input_mask
+        if mask is None or x.shape[1] != mask.shape[1]:
+            return None
+        return mask.to(x.device).cumsum(-1) <= 1
+    if x.shape[1] == 1:
+        return None
+    first = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+    first[:, 0] = True
+    return first
+
+
+def _keeping_first(model, edit: EditFn) -> EditFn:
+    def keep_first(x: Tensor) -> Tensor:
+        out = edit(x)
+        first = first_tokens(model, x)
+        return out if first is None else torch.where(first[..., None], x, out)
+    return keep_first
+
+
+@contextmanager
+def edited_each(model, edits: dict[str, EditFn], skip_first: bool = False) -> Iterator:
+    """Inside the block ``edits[name](x)`` replaces the activation at each hook name (forward
+    and generation); with ``skip_first`` each row's first real token is left as it was (in
+    Llama-family models it carries massive activations, an attention sink)."""
+    if skip_first:
+        edits = {name: _keeping_first(model, edit) for name, edit in edits.items()}
+    if is_bridge(model):
+        with model.hooks([(name, lambda x, name, f=f: f(x)) for name, f in edits.items()]):
             yield model
     else:
-        with model.hooks(fwd_hooks=[(name, lambda x, hook: edit(x)) for name in names]):
+        with model.hooks(fwd_hooks=[(name, lambda x, hook, f=f: f(x))
+                                    for name, f in edits.items()]):
             yield model
+
+
+def edited(model, names: Sequence[str], edit: EditFn, skip_first: bool = False):
+    """Inside the block ``edit(x)`` replaces the activation at each hook name (forward and
+    generation); see :func:`edited_each`."""
+    return edited_each(model, {name: edit for name in names}, skip_first)
 
 
 @torch.no_grad()

@@ -5,6 +5,11 @@
                    method="mean_diff")
     d, meta = load_direction("harm.safetensors")
 
+The classes compared are harmful (biased + toxic) vs neutral by default; ``positive`` /
+``negative`` choose others, e.g. ``positive=("toxic",), negative=("neutral",)`` leaves the biased
+class (and CrowS-Pairs' writing style) out, and ``("toxic",)`` vs ``("nontoxic",)`` fits
+RealToxicityPrompts' prompts.
+
 Three estimators, all unit-normalised with the sign fixed so that harmful examples project
 higher on average than neutral ones:
 
@@ -45,14 +50,45 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / norm
 
 
+def class_labels(labels: Sequence, positive: Sequence | None = None,
+                 negative: Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, y)``: the rows whose label is in ``positive`` (y = 1) or ``negative`` (y = 0).
+
+    With neither given: every row, harmful (biased / toxic, or label != 0) vs neutral.
+    """
+    if positive is None and negative is None:
+        y = binary_labels(labels)
+        return np.arange(len(y)), y
+    if positive is None or negative is None:
+        raise UsageError("Pass both positive and negative classes (e.g. positive=('toxic',), "
+                         "negative=('neutral',)), or neither for harmful vs neutral.")
+    labels = np.asarray(labels)
+    positive, negative = list(positive), list(negative)
+    if set(map(str, positive)) & set(map(str, negative)):
+        raise UsageError(f"A class cannot be both positive and negative: {positive} vs "
+                         f"{negative}.")
+    is_pos, is_neg = np.isin(labels, positive), np.isin(labels, negative)
+    for name, chosen, mask in (("positive", positive, is_pos), ("negative", negative, is_neg)):
+        if not mask.any():
+            raise UsageError(f"No example has a {name} label {chosen}; the labels are "
+                             f"{sorted(set(labels.tolist()))}.")
+    rows = np.flatnonzero(is_pos | is_neg)
+    return rows, is_pos[rows].astype(np.int64)
+
+
 def harmful_direction(acts, labels: Sequence, layer: int, method: str = "mean_diff",
-                      seed: int = 0, C: float = 1.0) -> Tensor:
+                      seed: int = 0, C: float = 1.0, positive: Sequence | None = None,
+                      negative: Sequence | None = None) -> Tensor:
     """A unit float32 ``[d_model]`` direction at ``layer`` of ``acts`` ``[n_layers, n, d_model]``
-    along which harmful (biased/toxic, or label != 0) examples project higher than neutral ones."""
+    along which harmful (biased/toxic, or label != 0; or the ``positive`` classes) examples
+    project higher than neutral (or the ``negative``) ones."""
     if method not in METHODS:
         raise UsageError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
     X = as_array(acts)
-    y = binary_labels(labels)
+    if X.ndim == 3 and X.shape[1] != len(labels):
+        check_data(X, np.asarray(labels))
+    rows, y = class_labels(labels, positive, negative)
+    X = X[:, rows] if X.ndim == 3 else X
     check_data(X, y)
     if not 0 <= layer < len(X):
         raise UsageError(f"Layer {layer} out of range: the activations have {len(X)} layers "

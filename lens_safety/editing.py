@@ -53,6 +53,16 @@ def project_out(x: Tensor, d: Tensor, axis: int = -1) -> Tensor:
     return out.movedim(-1, axis).to(x.dtype)
 
 
+def clamp_along(x: Tensor, d: Tensor, threshold: float) -> Tensor:
+    """``x - max(x.d - t, 0) d`` along unit ``d``: only the part of the projection above
+    ``threshold`` is removed; rows at or below it are returned bit for bit unchanged."""
+    d = d.to(device=x.device, dtype=torch.float32)
+    x32 = x.float()
+    excess = (x32 @ d - threshold).clamp(min=0)
+    out = (x32 - excess[..., None] * d).to(x.dtype)
+    return torch.where((excess > 0)[..., None], out, x)
+
+
 # ---------------------------------------------------------------- hook ablation
 
 
