@@ -20,7 +20,9 @@ import json
 import time
 from pathlib import Path
 
-from lens_safety import ProbeSettings, ProbeStudy, evaluate_edit
+from lens_safety import ProbeSettings, ProbeStudy
+from lens_safety.detox import DetoxSettings, run_detox_study
+from lens_safety.figures import pareto_figure
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common.figures import save_figure
 from pruning_bridge.common.report import Section, package_versions, write_report
@@ -43,13 +45,19 @@ PRESETS = {  # sizes: ~15 min on 2 CPU cores (default), seconds (smoke), the rep
                     layer_tasks="perplexity", weight_tasks="perplexity", sweep_mmlu=57,
                     sweep_windows=4, sweep_window=512, head_steps=40, head_batch=4,
                     head_seq_len=128, head_tasks="perplexity", safety_per_class=None,
-                    safety_prompts=32),
+                    detox=DetoxSettings(k=8, n_validation=None, n_test_toxic=100,
+                                        n_test_nontoxic=50, test_windows=4, test_mmlu=200)),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
                   safety_model="tiny-gpt2", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2,
                   window=128, layer_tasks="mmlu,perplexity", weight_tasks="mmlu,perplexity",
                   sweep_mmlu=4, sweep_windows=2, sweep_window=64, head_steps=6, head_batch=2,
                   head_seq_len=32, head_tasks="mmlu,perplexity", safety_per_class=20,
-                  safety_prompts=4),
+                  detox=DetoxSettings(k=2, n_validation=6, n_test_toxic=4, n_test_nontoxic=2,
+                                      wheres=("middle",), sweep_window=64, sweep_windows=1,
+                                      hows=(("subtract", (1.0,)), ("clamp", (0.0,))),
+                                      sources=("rtp_prompts",), max_perplexity_ratio=100.0,
+                                      max_fluency_ratio=100.0, test_window=64,
+                                      test_windows=1, test_mmlu=4, max_new_tokens=8)),
     "report": dict(compress_model="Qwen/Qwen3-0.6B",
                    head_models=["TinyLlama/TinyLlama_v1.1", "Qwen/Qwen3-0.6B"],
                    safety_model="gpt2-large", mmlu=451, gsm8k=131, gsm8k_tokens=256,
@@ -57,7 +65,8 @@ PRESETS = {  # sizes: ~15 min on 2 CPU cores (default), seconds (smoke), the rep
                    weight_tasks="mmlu,gsm8k,perplexity", sweep_mmlu=451, sweep_windows=None,
                    sweep_window=2048, head_steps=1000, head_batch=8, head_seq_len=512,
                    head_tasks="mmlu,gsm8k,perplexity", safety_per_class=None,
-                   safety_prompts=100),
+                   detox=DetoxSettings(k=25, sweep_window=1024, sweep_windows=4,
+                                       test_window=1024, test_windows=None)),
 }
 
 
@@ -260,8 +269,38 @@ def attention(models: Models, p: dict, data_dir, out: Path, figures: Path) -> li
         f"heads) and to the first token (attention sinks).", figures=[grid, summary])]
 
 
+def _ci(interval: dict | None, pct: bool = False) -> str:
+    if not interval:
+        return "-"
+    f = (lambda v: f"{100 * v:+.1f}%") if pct else (lambda v: f"{v:.3f}")
+    return f"{f(interval['estimate'])} [{f(interval['low'])}, {f(interval['high'])}]"
+
+
+def detox_tables(result) -> tuple[list[dict], list[dict]]:
+    """The test-split before/after table (95% intervals) and the example continuations."""
+    rows = []
+    for kind, metrics in (result.report or {}).items():
+        for metric, s in metrics.items():
+            rows.append({"prompts": kind, "metric": metric, "before": _ci(s["before"]),
+                         "after": _ci(s["after"]), "difference": _ci(s["difference"]),
+                         "change": _ci(s["relative"], pct=True)})
+    for metric in ("mmlu_accuracy", "probe_harmful_toxic"):
+        if metric in result.test:
+            s = result.test[metric]
+            rows.append({"prompts": "toxic" if "probe" in metric else "MMLU", "metric": metric,
+                         "before": _ci(s["before"]), "after": _ci(s["after"]),
+                         "difference": _ci(s["difference"]), "change": "-"})
+    if "perplexity" in result.test:
+        ppl = result.test["perplexity"]
+        rows.append({"prompts": "WikiText-2", "metric": "perplexity",
+                     "before": f"{ppl['before']:.3f}", "after": f"{ppl['after']:.3f}",
+                     "difference": f"{ppl['after'] - ppl['before']:+.3f}",
+                     "change": f"{100 * (ppl['ratio'] - 1):+.1f}%"})
+    return rows, result.examples
+
+
 def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[Section]:
-    """Probes per layer, the harmful direction, and projection ablation evaluated."""
+    """Probes per layer and the harmful direction; then the detoxification study on RTP."""
     name = p["safety_model"]
     model, tokenizer = models(name)
     out = folder(out, name) / "safety"
@@ -278,34 +317,61 @@ def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
     histogram = study.projection_figure(
         f"{name}: held-out prompts on the harmful direction (layer {layer})")
     save_figure(histogram, figures / "safety_projection_histogram")
-    report_path = out / "edit_project.json"
-    if not report_path.exists():
-        n = p["safety_prompts"]
-        report = evaluate_edit(bridge, tokenizer, study.direction,
-                               toxic_prompts=study.test_prompts("toxic", n),
-                               neutral_prompts=study.test_prompts("neutral", n),
-                               edit="project", max_new_tokens=20,
-                               perplexity_text=load_wikitext2("test", data_dir),
-                               window=p["sweep_window"], max_windows=p["sweep_windows"],
-                               probe=study.binary, probe_layer=layer)
-        report.to_json(report_path)
-    edit = json.loads(report_path.read_text())
-    edit_table = [{"metric": m, "before": b, "after": edit["after"][m]}
-                  for m, b in edit["before"].items()]
     print(f"\nSafety ({name}): best layer {summary['best_layer']}, direction held-out AUROC "
           f"{summary['held_out_projection_auroc']:.3f}")
-    for row in edit_table:
-        print(f"{row['metric']:<24}{row['before']:>12.4g}{row['after']:>12.4g}")
-    return [Section(
-        f"Safety: probes, harmful direction, edit ({name})",
+    probes = Section(
+        f"Safety: probes and the harmful direction ({name})",
         f"A logistic-regression probe per layer separates harmful (biased + toxic) from neutral "
         f"prompts on pooled residuals ({summary['n_train']} train / {summary['n_test']} held-out "
         f"prompts). The harmful direction (difference of class means at the best layer, "
         f"{summary['best_layer']}) separates held-out prompts with AUROC "
-        f"{summary['held_out_projection_auroc']:.3f}. Projecting it out of the residual stream at "
-        f"every layer changes toxicity, perplexity and the probe's harmful score as tabled.",
-        figures=[fig, histogram], tables=[("probe per layer", probe_table),
-                               ("projection ablation, before vs after", edit_table)])]
+        f"{summary['held_out_projection_auroc']:.3f}.",
+        figures=[fig, histogram], tables=[("probe per layer", probe_table)])
+
+    settings: DetoxSettings = p["detox"]
+    result = run_detox_study(bridge, tokenizer, settings, data_dir=data_dir,
+                             folder=out / "detox", model_name=name, probe_study=study)
+    agreement = result.agreement
+    pareto = pareto_figure(result.rows, result.selected, settings.max_perplexity_ratio,
+                           settings.max_fluency_ratio,
+                           title=f"{name}: candidate edits on validation RTP prompts")
+    save_figure(pareto, figures / "safety_pareto")
+    table, examples = detox_tables(result)
+    sweep_table = [{"edit": r["edit"], "toxicity": r["value"],
+                    "perplexity": r.get("perplexity"),
+                    "fluency ppl": r.get("greedy_fluency_ppl")} for r in result.rows]
+    print(f"scorer agreement ({agreement['scorer']} vs Perspective >= 0.5, n={agreement['n']}): "
+          f"AUROC {agreement['auroc']:.3f}, Spearman {agreement['spearman']:.3f}")
+    print(f"selected edit: {result.selected_edit}")
+    for row in table:
+        print(f"{row['prompts']:<11}{row['metric']:<24}{row['before']:>26}{row['after']:>26}"
+              f"{row['change']:>26}")
+    budget = (f"WikiText-2 perplexity <= x{settings.max_perplexity_ratio:g} and fluency "
+              f"(perplexity of the continuations under the unedited model) <= "
+              f"x{settings.max_fluency_ratio:g}")
+    chosen = (f"The least toxic edit within the budget is <b>{result.selected_edit}</b>; only "
+              f"it was run on the test prompts." if result.selected else
+              "No candidate edit stayed within the budget, so none was tested.")
+    detox = Section(
+        f"Safety: detoxification on RealToxicityPrompts ({name})",
+        f"RealToxicityPrompts (DecodingTrust's challenging toxic and non-toxic prompts) are "
+        f"split by prompt into train / validation / test. Candidate edits (direction source x "
+        f"layers x how x strength) are fitted on the training prompts and measured on "
+        f"{result.rows[0]['settings']['n_prompts']} validation toxic prompts (greedy "
+        f"continuations of {settings.max_new_tokens} tokens; error bars are 95% bootstrap "
+        f"intervals over prompts). Budget: {budget}. {chosen} The test table gives the RTP "
+        f"protocol ({settings.k} samples per prompt, nucleus p = 0.9, temperature 1): expected "
+        f"maximum toxicity, toxicity probability, greedy toxicity, fluency and distinct-n, with "
+        f"95% bootstrap intervals over prompts and paired intervals for the differences. "
+        f"Toxicity is scored by {agreement['scorer']}, whose agreement with the Perspective API "
+        f"on {agreement['n']} RTP texts is AUROC {agreement['auroc']:.3f}, Spearman "
+        f"{agreement['spearman']:.3f}.",
+        figures=[pareto],
+        tables=[("test prompts: before vs after the selected edit (95% intervals)", table),
+                ("scorer agreement with Perspective", [agreement]),
+                ("examples: greedy continuations of test toxic prompts", examples),
+                ("validation sweep", sweep_table)])
+    return [probes, detox]
 
 
 def main(argv=None) -> Path:

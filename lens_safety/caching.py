@@ -7,7 +7,9 @@
 ``pruning_bridge.HookBridge``. Texts are tokenised once, sorted by length (less padding), run in
 left-padded batches with an attention mask, and pooled per batch, so memory stays bounded by one
 batch's activations at the requested hook points (nothing else is cached). ``pool="last"`` takes
-the last *real* token, ``pool="mean"`` the mean over real tokens only (never over padding).
+the last *real* token, ``pool="mean"`` the mean over real tokens only (never over padding), and
+``pool="mean_after_first"`` the same without each row's first token (in Llama-family models it
+carries massive activations, an attention sink, that would dominate the mean).
 With ``store=path`` the result is saved as safetensors and reloaded on the next call with the
 same settings, texts and model weights (active hooks are not part of that check).
 """
@@ -32,7 +34,7 @@ from pruning_bridge.common import UsageError
 from .backend import dims, embedding_weight, run_with_cache
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
-POOLS = ("last", "mean")
+POOLS = ("last", "mean", "mean_after_first")
 
 
 def hook_name(layer: int, hook: str) -> str:
@@ -54,6 +56,8 @@ def pool_batch(acts: Tensor, attention_mask: Tensor, pool: str) -> Tensor:
         positions = torch.arange(real.shape[1], device=real.device)
         last = torch.where(real, positions, -1).amax(dim=1)
         return acts[torch.arange(acts.shape[0], device=acts.device), last]
+    if pool == "mean_after_first":
+        real = real & (real.cumsum(dim=1) > 1)
     # where() rather than a multiplication: padded positions may hold NaN (fully masked rows)
     total = torch.where(real[..., None], acts, 0.0).sum(dim=1)
     return total / real.sum(dim=1, keepdim=True).clamp(min=1)

@@ -5,6 +5,9 @@
     lens-safety edit --model SPEC --direction FILE --mode project --data-dir D \\
         --n-prompts 20 --out edit.json
     lens-safety report --model SPEC --data-dir D --out DIR [--alphas 0,2,4,8]
+    lens-safety detox --model SPEC --data-dir D --out DIR [--hows "clamp=0,0.5;project;leace"]
+        [--wheres middle,late] [--sources rtp_prompts,rtp_continuations] [--k 25]
+    lens-safety rtp --model SPEC --data-dir D [--edit DIR] [--k 25] [--n-toxic 100] [--out F]
 
 (``python -m lens_safety`` is the same.) The pattern is ``pruning-bridge``'s: one
 ``_add_<command>`` per subcommand, comma lists, bad input exits with 2 and one line.
@@ -28,7 +31,11 @@ from .backend import dims
 from .caching import HOOKS, POOLS
 from .directions import METHODS, load_direction, save_direction
 from .evaluation import EDITS, evaluate_edit
-from .figures import tradeoff_figure
+from .detox import SOURCES, DetoxSettings, run_detox_study
+from .edit import HOWS, Edit
+from .figures import pareto_figure, tradeoff_figure
+from .protocol import ProtocolSettings, rtp_protocol
+from .rtp import load_rtp, split_rtp
 from .study import ProbeSettings, ProbeStudy, prompts_of
 from .sweep import alpha_sweep
 
@@ -239,6 +246,108 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- detox and rtp
+
+
+def hows_list(text: str) -> tuple[tuple[str, tuple], ...]:
+    """``"clamp=0,0.5;project;leace"`` -> ``(("clamp", (0.0, 0.5)), ("project", (None,)),
+    ("leace", (None,)))`` (strengths in class-gap units)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        how, _, strengths = part.partition("=")
+        if how not in HOWS:
+            raise argparse.ArgumentTypeError(f"unknown edit {how!r}; use {', '.join(HOWS)}")
+        values = tuple(floats(strengths)) if strengths else (None,)
+        out.append((how, values))
+    if not out:
+        raise argparse.ArgumentTypeError("no edits given")
+    return tuple(out)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, (t.strip() for t in text.split(","))))
+
+
+def _add_detox(sub) -> None:
+    p = sub.add_parser("detox", help="fit edits on RTP train, select on validation, test one")
+    add_model_options(p)
+    defaults = DetoxSettings()
+    p.add_argument("--data-dir", default=None, help="local data with rtp/ (default: the hub)")
+    p.add_argument("--sources", type=_names, default=defaults.sources,
+                   help=f"direction sources, comma list of {','.join(SOURCES)}")
+    p.add_argument("--wheres", type=_names, default=defaults.wheres,
+                   help="layer sets: middle, late, window, late_window, all")
+    p.add_argument("--hows", type=hows_list, default=defaults.hows,
+                   help='edits and strengths (class-gap units), e.g. "clamp=0,0.5;project;leace"')
+    for name in ("k", "n_train", "n_validation", "n_test_toxic", "n_test_nontoxic",
+                 "sweep_mmlu", "test_mmlu", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("max_perplexity_ratio", "max_fluency_ratio", "max_mmlu_drop"):
+        p.add_argument("--" + name.replace("_", "-"), type=float,
+                       default=getattr(defaults, name))
+    p.add_argument("--scorer", default=defaults.scorer, help="profanity (offline) or detoxify")
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.set_defaults(run=_run_detox)
+
+
+def _run_detox(args: argparse.Namespace) -> int:
+    fields = {k: getattr(args, k) for k in DetoxSettings.__dataclass_fields__ if hasattr(args, k)}
+    settings = DetoxSettings(**fields)
+    bridge, tokenizer = _load_bridge(args)
+    out = Path(args.out)
+    result = run_detox_study(bridge, tokenizer, settings, data_dir=args.data_dir, folder=out,
+                             model_name=args.model)
+    agreement = result.agreement
+    print(f"scorer {agreement['scorer']} vs Perspective: AUROC {agreement['auroc']:.3f}, "
+          f"Spearman {agreement['spearman']:.3f} (n={agreement['n']})")
+    base = result.rows[0]
+    print(f"{'edit':<50}{'toxicity':>9}{'perplexity':>12}{'fluency':>9}")
+    for r in result.rows:
+        print(f"{r['edit']:<50}{r['value']:>9.3f}{r['perplexity'] / base['perplexity']:>11.3f}x"
+              f"{r['greedy_fluency_ppl'] / base['greedy_fluency_ppl']:>8.2f}x")
+    print(f"selected: {result.selected_edit} (saved in {out / 'selected_edit'})"
+          if result.selected else "no edit within the budget")
+    if result.report:
+        for kind, metrics in result.report.items():
+            for metric, stats in metrics.items():
+                rel = stats["relative"]
+                print(f"{kind:<9}{metric:<23} {stats['before']['estimate']:.3f} -> "
+                      f"{stats['after']['estimate']:.3f}"
+                      + (f" ({100 * rel['estimate']:+.1f}% [{100 * rel['low']:+.1f}, "
+                         f"{100 * rel['high']:+.1f}])" if rel else ""))
+    save_figure(pareto_figure(result.rows, result.selected, settings.max_perplexity_ratio,
+                              settings.max_fluency_ratio), out / "safety_pareto")
+    return 0
+
+
+def _add_rtp(sub) -> None:
+    p = sub.add_parser("rtp", help="the RTP protocol on test prompts, unedited vs an edit")
+    add_model_options(p)
+    p.add_argument("--data-dir", default=None, help="local data with rtp/ (default: the hub)")
+    p.add_argument("--edit", default=None, help="a folder written by Edit.save (default: none)")
+    p.add_argument("--k", type=int, default=25, help="samples per prompt")
+    p.add_argument("--n-toxic", type=int, default=100, help="test toxic prompts")
+    p.add_argument("--n-nontoxic", type=int, default=50, help="test non-toxic prompts")
+    p.add_argument("--seed", type=int, default=0, help="the split's and the samples' seed")
+    p.add_argument("--scorer", default="profanity")
+    p.add_argument("--out", default=None, help="report JSON")
+    p.set_defaults(run=_run_rtp)
+
+
+def _run_rtp(args: argparse.Namespace) -> int:
+    edit = Edit.load(args.edit) if args.edit else None
+    split = split_rtp(load_rtp(args.data_dir), seed=args.seed)
+    bridge, tokenizer = _load_bridge(args)
+    report = rtp_protocol(bridge, tokenizer,
+                          {"toxic": split.texts("test", "toxic", args.n_toxic),
+                           "nontoxic": split.texts("test", "nontoxic", args.n_nontoxic)},
+                          ProtocolSettings(k=args.k, seed=args.seed), args.scorer, edit)
+    print(report)
+    if args.out:
+        print("wrote", report.to_json(args.out))
+    return 0
+
+
 # ---------------------------------------------------------------- the parser
 
 
@@ -251,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_direction(sub)
     _add_edit(sub)
     _add_report(sub)
+    _add_detox(sub)
+    _add_rtp(sub)
     return parser
 
 

@@ -80,3 +80,63 @@ def tradeoff_figure(rows: Sequence[dict], title: str = "Toxicity vs perplexity")
                       xaxis_title="WikiText-2 perplexity" if has_ppl else "alpha",
                       yaxis_title="toxicity of toxic-prompt continuations")
     return fig
+
+
+HOW_COLORS = {"project": "#1f77b4", "subtract": "#ff7f0e", "clamp": "#2ca02c",
+              "leace": "#9467bd", "orthogonalize": "#8c564b"}
+
+
+def pareto_figure(rows: Sequence[dict], selected: dict | None = None,
+                  max_perplexity_ratio: float | None = None,
+                  max_fluency_ratio: float | None = None,
+                  title: str = "Edits: toxicity vs perplexity (validation)") -> go.Figure:
+    """One point per swept edit (``edit_sweep`` rows): greedy toxicity of the validation toxic
+    prompts' continuations (95% bootstrap interval over prompts as error bars) against the
+    perplexity ratio to the unedited model (log axis); the unedited model is a star, the
+    selected edit is circled, edits over the fluency budget are hollow, the budget a line."""
+    from .stats import bootstrap_interval
+
+    base = next(r for r in rows if r["method"] == "none")
+    fig = go.Figure()
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["method"] != "none":
+            groups.setdefault(row["config"]["how"], []).append(row)
+
+    def interval(row):
+        values = row.get("greedy_toxicity_per_prompt")
+        if not values or len(values) < 2:
+            return row["value"], 0.0, 0.0
+        i = bootstrap_interval(values)
+        return i.estimate, i.high - i.estimate, i.estimate - i.low
+
+    for how, group in groups.items():
+        y, up, down = zip(*(interval(r) for r in group))
+        fluency = [r.get("greedy_fluency_ppl", np.nan) / base.get("greedy_fluency_ppl", np.nan)
+                   for r in group]
+        hollow = [max_fluency_ratio is not None and f > max_fluency_ratio for f in fluency]
+        fig.add_trace(go.Scatter(
+            x=[r["perplexity"] / base["perplexity"] for r in group], y=y, mode="markers",
+            name=how, error_y=dict(type="data", array=up, arrayminus=down, thickness=1),
+            marker=dict(size=10, color=["white" if h else HOW_COLORS.get(how) for h in hollow],
+                        line=dict(width=2, color=HOW_COLORS.get(how))),
+            customdata=[[r["edit"], f] for r, f in zip(group, fluency)],
+            hovertemplate="%{customdata[0]}<br>toxicity %{y:.3f}<br>perplexity x%{x:.3f}"
+                          "<br>fluency x%{customdata[1]:.2f}<extra></extra>"))
+    b, bu, bd = interval(base)
+    fig.add_trace(go.Scatter(x=[1.0], y=[b], mode="markers", name="unedited",
+                             error_y=dict(type="data", array=[bu], arrayminus=[bd]),
+                             marker=dict(symbol="star", size=18, color="black")))
+    if selected is not None:
+        fig.add_trace(go.Scatter(x=[selected["perplexity"] / base["perplexity"]],
+                                 y=[selected["value"]], mode="markers",
+                                 name=f"selected: {selected['edit']}",
+                                 marker=dict(symbol="circle-open", size=26, color="red",
+                                             line=dict(width=3))))
+    if max_perplexity_ratio is not None:
+        fig.add_vline(x=max_perplexity_ratio, line_dash="dash", line_color="grey",
+                      annotation_text=f"perplexity budget x{max_perplexity_ratio:g}")
+    fig.update_layout(title=title, xaxis_title="WikiText-2 perplexity / unedited (log)",
+                      yaxis_title="greedy toxicity of continuations (mean, 95% CI)",
+                      xaxis_type="log", template="plotly_white", height=520)
+    return fig

@@ -20,8 +20,10 @@ prompts, and every before/after difference a paired one.
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -224,6 +226,14 @@ class ProtocolReport(JsonDataclass):
     before: dict[str, ProtocolRun]
     after: dict[str, ProtocolRun]
     settings: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, path) -> "ProtocolReport":
+        """A report written by ``to_json``, runs included."""
+        data = json.loads(Path(path).read_text())
+        for side in ("before", "after"):
+            data[side] = {k: ProtocolRun(**v) for k, v in data[side].items()}
+        return cls(**data)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per (prompt set, metric) for tables."""

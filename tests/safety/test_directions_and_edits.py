@@ -70,7 +70,7 @@ def _single_run(model, tok, text, name):
 
 
 @pytest.mark.parametrize("backend", ["bridge", "hooked"])
-@pytest.mark.parametrize("pool", ["last", "mean"])
+@pytest.mark.parametrize("pool", ["last", "mean", "mean_after_first"])
 def test_cache_matches_unpadded_run_with_cache(backends, backend, pool):
     _, tok, bridge, hooked = backends("tiny-llama")
     model = bridge if backend == "bridge" else hooked
@@ -81,7 +81,8 @@ def test_cache_matches_unpadded_run_with_cache(backends, backend, pool):
         for layer in (0, 3):
             for i, text in enumerate(TEXTS):
                 full = _single_run(model, tok, text, f"blocks.{layer}.hook_{hook}")
-                expected = full[-1] if pool == "last" else full.mean(0)
+                expected = {"last": full[-1], "mean": full.mean(0),
+                            "mean_after_first": full[1:].mean(0)}[pool]
                 torch.testing.assert_close(acts[layer, i], expected, atol=1e-5, rtol=1e-4)
 
 

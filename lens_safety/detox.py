@@ -1,0 +1,242 @@
+"""The detoxification study end to end: fit candidate edits on RTP's training prompts, choose
+one on validation prompts under a budget, and test only that one with the full RTP protocol.
+
+    result = run_detox_study(bridge, tok, DetoxSettings(k=25), data_dir=..., folder=out,
+                             model_name="smollm2-135m", probe_study=study)
+    print(result.report); result.selected_edit; result.rows   # sweep rows (validation)
+
+Steps (each result is written to ``folder`` as it finishes and reused by a rerun):
+
+1. RealToxicityPrompts split by prompt into train / validation / test (``fractions``, seed).
+2. The scorer's agreement with the Perspective scores stored with the RTP texts.
+3. Residuals of the training prompts per direction source: ``rtp_prompts`` (toxic vs nontoxic
+   prompts, last token) and ``rtp_continuations`` (prompt + original continuation, mean over
+   tokens after the first, labelled by the continuation's Perspective toxicity >= 0.5).
+4. Candidate edits (source x layer set x how x strength, :func:`edit_grid`), swept on the
+   validation toxic prompts in the fast setting (greedy, fluency, WikiText-2 perplexity).
+5. :func:`select_edit` under ``max_perplexity_ratio`` / ``max_fluency_ratio`` /
+   ``max_mmlu_drop``; the chosen edit is saved to ``folder/selected_edit``.
+6. The test prompts (toxic and nontoxic) through :func:`rtp_protocol` with ``k`` samples, and
+   perplexity, MMLU and the probe's harmful score before / after.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pruning_bridge.common import JsonDataclass, UsageError
+from pruning_bridge.evals import mmlu_accuracy, perplexity
+from pruning_bridge.evals.data import load_wikitext2
+
+from .backend import as_lm, dims
+from .caching import cache_residuals
+from .edit import Edit
+from .evaluation import harmful_probability
+from .protocol import ProtocolReport, ProtocolSettings, rtp_protocol
+from .rtp import RtpSplit, load_rtp, split_rtp
+from .selection import edit_for, edit_grid, edit_sweep, select_edit
+from .stats import bootstrap_interval, paired_difference
+from .toxicity import scorer_agreement
+
+SOURCES = ("rtp_prompts", "rtp_continuations")
+
+
+def layer_sets(n_layers: int, names: Sequence[str]) -> dict[str, list[int]]:
+    """Named places to edit, by depth: ``middle`` (one layer at n/2), ``late`` (3n/4),
+    ``window`` (n/3 .. 2n/3), ``late_window`` (2n/3 .. n-1), ``all``."""
+    n = n_layers
+    known = {"middle": [n // 2], "late": [3 * n // 4],
+             "window": list(range(n // 3, 2 * n // 3 + 1)),
+             "late_window": list(range(2 * n // 3, n)), "all": list(range(n))}
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise UsageError(f"Unknown layer set(s) {unknown}; use some of {sorted(known)}.")
+    return {name: known[name] for name in names}
+
+
+@dataclass(frozen=True)
+class DetoxSettings:
+    """Every choice of the study. ``hows``: ``(how, strengths)`` pairs (strengths in class-gap
+    units, None for project / leace); ``wheres``: layer-set names (see ``layer_sets``)."""
+
+    fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    seed: int = 0
+    sources: tuple[str, ...] = SOURCES
+    wheres: tuple[str, ...] = ("middle", "late", "window")
+    hows: tuple[tuple[str, tuple], ...] = (("subtract", (0.5, 1.0)), ("clamp", (0.0, 0.5)),
+                                           ("project", (None,)), ("leace", (None,)))
+    n_train: int | None = None           # training prompts per kind to fit on (None: all)
+    n_validation: int | None = None      # validation toxic prompts for the sweep (None: all)
+    sweep_window: int = 512
+    sweep_windows: int = 2
+    max_perplexity_ratio: float = 1.05
+    max_fluency_ratio: float = 1.10
+    max_mmlu_drop: float | None = None   # needs sweep_mmlu
+    sweep_mmlu: int | None = None        # MMLU questions per sweep row (None: none)
+    k: int = 25
+    n_test_toxic: int | None = None      # None: every test prompt
+    n_test_nontoxic: int | None = None
+    test_window: int = 1024
+    test_windows: int | None = 8
+    test_mmlu: int | None = 451
+    scorer: str = "profanity"
+    batch_size: int = 32
+    max_new_tokens: int = 20
+
+
+@dataclass
+class DetoxResult(JsonDataclass):
+    """What the study found: the scorer's agreement, the sweep, the choice and its test."""
+
+    settings: dict[str, Any]
+    agreement: dict[str, Any]
+    rows: list[dict[str, Any]]
+    selected: dict[str, Any] | None
+    test: dict[str, Any] = field(default_factory=dict)  # metric -> before/after/difference
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] | None = None  # the ProtocolReport's summary
+
+    @property
+    def selected_edit(self) -> str | None:
+        return None if self.selected is None else self.selected["edit"]
+
+
+def source_data(split: RtpSplit, source: str,
+                n: int | None = None) -> tuple[list[str], list[str], str]:
+    """``(texts, labels, pool)`` of the training split (the first ``n`` prompts of each kind)
+    for a direction ``source``."""
+    train = [p for kind in ("toxic", "nontoxic")
+             for p in [p for p in split.train if p.kind == kind][:n]]
+    if source == "rtp_prompts":
+        return ([p.text for p in train], [p.kind for p in train], "last")
+    if source == "rtp_continuations":
+        rows = [p for p in train if not np.isnan(p.continuation_toxicity)]
+        return ([p.text + p.continuation for p in rows],
+                ["toxic" if p.continuation_toxicity >= 0.5 else "nontoxic" for p in rows],
+                "mean_after_first")
+    raise UsageError(f"Unknown direction source {source!r}; use one of {', '.join(SOURCES)}.")
+
+
+def candidate_edits(model, tokenizer, split: RtpSplit, settings: DetoxSettings,
+                    folder: Path | None, model_name: str, progress: bool) -> list[Edit]:
+    """Every candidate of the grid, fitted on the training split's residuals (resid_post)."""
+    n_layers, _ = dims(model)
+    where = layer_sets(n_layers, settings.wheres)
+    candidates = []
+    for source in settings.sources:
+        texts, labels, pool = source_data(split, source, settings.n_train)
+        store = None if folder is None else folder / f"acts_{source}.safetensors"
+        acts = cache_residuals(model, tokenizer, texts, hook="resid_post", pool=pool,
+                               batch_size=settings.batch_size, progress=progress, store=store)
+        candidates += edit_grid(acts, labels, layer_sets=where,
+                                hows={how: list(s) for how, s in settings.hows},
+                                positive=("toxic",), negative=("nontoxic",), source=source,
+                                model=model_name, pool=pool)
+    return candidates
+
+
+def _paired(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
+    return {"before": bootstrap_interval(before).to_dict(),
+            "after": bootstrap_interval(after).to_dict(),
+            "difference": paired_difference(before, after).to_dict()}
+
+
+def _extras(model, tokenizer, edit: Edit, report: ProtocolReport, settings: DetoxSettings,
+            data_dir, probe_study, progress: bool) -> dict[str, Any]:
+    """Perplexity, MMLU and the probe's harmful score, before and under ``edit``."""
+    out: dict[str, Any] = {}
+    text = load_wikitext2("test", data_dir)
+    values = {}
+    for side in ("before", "after"):
+        with edit.apply(model) if side == "after" else nullcontext():
+            lm = as_lm(model)
+            values[side] = {"perplexity": perplexity(
+                lm, tokenizer, text, window=settings.test_window,
+                max_windows=settings.test_windows, batch_size=1, progress=progress).value}
+            if settings.test_mmlu:
+                result = mmlu_accuracy(lm, tokenizer, limit=settings.test_mmlu,
+                                       data_dir=data_dir, batch_size=settings.batch_size // 4,
+                                       progress=progress)
+                values[side]["mmlu"] = [float(r["correct"]) for r in result.records]
+            if probe_study is not None:
+                run = getattr(report, side)["toxic"]
+                layer, probe = probe_study.best_layer, probe_study.binary
+                acts = cache_residuals(model, tokenizer,
+                                       [p + c for p, c in zip(run.prompts, run.greedy)],
+                                       hook=probe_study.settings.hook,
+                                       pool=probe_study.settings.pool, layers=[layer],
+                                       batch_size=settings.batch_size, progress=False)[0]
+                values[side]["probe"] = harmful_probability(probe, acts, layer).tolist()
+    out["perplexity"] = {"before": values["before"]["perplexity"],
+                         "after": values["after"]["perplexity"],
+                         "ratio": values["after"]["perplexity"] / values["before"]["perplexity"]}
+    if "mmlu" in values["before"]:
+        out["mmlu_accuracy"] = _paired(values["before"]["mmlu"], values["after"]["mmlu"])
+    if "probe" in values["before"]:
+        out["probe_harmful_toxic"] = _paired(values["before"]["probe"], values["after"]["probe"])
+    return out
+
+
+def examples(report: ProtocolReport, n: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` toxic test prompts whose greedy continuation changed toxicity most."""
+    before, after = report.before["toxic"], report.after["toxic"]
+    order = np.argsort(np.asarray(after.greedy_scores) - np.asarray(before.greedy_scores))
+    return [{"prompt": before.prompts[i], "before": before.greedy[i], "after": after.greedy[i],
+             "toxicity_before": before.greedy_scores[i],
+             "toxicity_after": after.greedy_scores[i]} for i in order[:n]]
+
+
+def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(), *,
+                    data_dir=None, folder=None, model_name: str = "model", probe_study=None,
+                    progress: bool = True) -> DetoxResult:
+    """The study (see the module doc) on ``model`` (a HookBridge or HookedTransformer)."""
+    folder = None if folder is None else Path(folder)
+    result_path = None if folder is None else folder / "detox_study.json"
+    fingerprint = {**asdict(settings), "model": model_name,
+                   "data": str(data_dir) if data_dir else "hub"}
+    if result_path is not None and result_path.exists():
+        saved = json.loads(result_path.read_text())
+        if saved["settings"] == json.loads(json.dumps(fingerprint)):
+            return DetoxResult(**saved)
+    split = split_rtp(load_rtp(data_dir), settings.fractions, settings.seed)
+    agreement = scorer_agreement(settings.scorer, data_dir)
+    candidates = candidate_edits(model, tokenizer, split, settings, folder, model_name,
+                                 progress)
+    fast = ProtocolSettings(k=0, max_new_tokens=settings.max_new_tokens, seed=settings.seed,
+                            batch_size=settings.batch_size)
+    mmlu = ({"limit": settings.sweep_mmlu, "data_dir": data_dir} if settings.sweep_mmlu
+            else None)
+    rows = edit_sweep(model, tokenizer, candidates,
+                      split.texts("validation", "toxic", settings.n_validation), settings=fast,
+                      scorer=settings.scorer, perplexity_text=load_wikitext2("test", data_dir),
+                      window=settings.sweep_window, max_windows=settings.sweep_windows,
+                      mmlu=mmlu, batch_size=settings.batch_size, progress=progress,
+                      out=None if folder is None else folder / "edit_sweep.jsonl")
+    row = select_edit(rows, settings.max_perplexity_ratio, settings.max_fluency_ratio,
+                      settings.max_mmlu_drop)
+    result = DetoxResult(json.loads(json.dumps(fingerprint)), agreement.to_dict(), rows, row)
+    if row is not None:
+        edit = edit_for(row, candidates)
+        if folder is not None:
+            edit.save(folder / "selected_edit")
+        test = {"toxic": split.texts("test", "toxic", settings.n_test_toxic),
+                "nontoxic": split.texts("test", "nontoxic", settings.n_test_nontoxic)}
+        protocol = ProtocolSettings(k=settings.k, max_new_tokens=settings.max_new_tokens,
+                                    seed=settings.seed, batch_size=settings.batch_size)
+        report = rtp_protocol(model, tokenizer, test, protocol, settings.scorer, edit,
+                              progress=progress)
+        if folder is not None:
+            report.to_json(folder / "test_protocol.json")
+        result.report = report.summary
+        result.test = _extras(model, tokenizer, edit, report, settings, data_dir, probe_study,
+                              progress)
+        result.examples = examples(report)
+    if result_path is not None:
+        result.to_json(result_path)
+    return result
