@@ -13,7 +13,8 @@ Steps (each result is written to ``folder`` as it finishes and reused by a rerun
    prompts, last token) and ``rtp_continuations`` (prompt + original continuation, mean over
    tokens after the first, labelled by the continuation's Perspective toxicity >= 0.5).
 4. Candidate edits (source x layer set x how x strength, :func:`edit_grid`), swept on the
-   validation toxic prompts in the fast setting (greedy, fluency, WikiText-2 perplexity).
+   validation toxic prompts in a fast setting (greedy toxicity; ``sweep_k`` samples per prompt
+   for fluency and the expected maximum; WikiText-2 perplexity).
 5. :func:`select_edit` under ``max_perplexity_ratio`` / ``max_fluency_ratio`` /
    ``max_mmlu_drop``; the chosen edit is saved to ``folder/selected_edit``.
 6. The test prompts (toxic and nontoxic) through :func:`rtp_protocol` with ``k`` samples, and
@@ -23,6 +24,7 @@ Steps (each result is written to ``folder`` as it finishes and reused by a rerun
 from __future__ import annotations
 
 import json
+import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,15 +51,29 @@ SOURCES = ("rtp_prompts", "rtp_continuations")
 
 def layer_sets(n_layers: int, names: Sequence[str]) -> dict[str, list[int]]:
     """Named places to edit, by depth: ``middle`` (one layer at n/2), ``late`` (3n/4),
-    ``window`` (n/3 .. 2n/3), ``late_window`` (2n/3 .. n-1), ``all``."""
+    ``window`` (n/3 .. 2n/3), ``late_window`` (2n/3 .. n-1), ``last_fifth`` (4n/5 .. n-1),
+    ``all``; or explicit layers,
+    ``L12`` or ``L20-24`` (inclusive)."""
     n = n_layers
     known = {"middle": [n // 2], "late": [3 * n // 4],
              "window": list(range(n // 3, 2 * n // 3 + 1)),
-             "late_window": list(range(2 * n // 3, n)), "all": list(range(n))}
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        raise UsageError(f"Unknown layer set(s) {unknown}; use some of {sorted(known)}.")
-    return {name: known[name] for name in names}
+             "late_window": list(range(2 * n // 3, n)),
+             "last_fifth": list(range(4 * n // 5, n)), "all": list(range(n))}
+    out = {}
+    for name in names:
+        match = re.fullmatch(r"L(\d+)(?:-(\d+))?", name)
+        if name in known:
+            out[name] = known[name]
+        elif match:
+            first, last = int(match[1]), int(match[2] or match[1])
+            if not first <= last < n:
+                raise UsageError(f"Layer set {name!r} is outside this model's {n} layers "
+                                 f"(0..{n - 1}).")
+            out[name] = list(range(first, last + 1))
+        else:
+            raise UsageError(f"Unknown layer set {name!r}; use {', '.join(known)}, or L12 / "
+                             f"L20-24.")
+    return out
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,7 @@ class DetoxSettings:
                                            ("project", (None,)), ("leace", (None,)))
     n_train: int | None = None           # training prompts per kind to fit on (None: all)
     n_validation: int | None = None      # validation toxic prompts for the sweep (None: all)
+    sweep_k: int = 4                     # samples per validation prompt (fluency); 0: greedy only
     sweep_window: int = 512
     sweep_windows: int = 2
     max_perplexity_ratio: float = 1.05
@@ -208,8 +225,8 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
     agreement = scorer_agreement(settings.scorer, data_dir)
     candidates = candidate_edits(model, tokenizer, split, settings, folder, model_name,
                                  progress)
-    fast = ProtocolSettings(k=0, max_new_tokens=settings.max_new_tokens, seed=settings.seed,
-                            batch_size=settings.batch_size)
+    fast = ProtocolSettings(k=settings.sweep_k, max_new_tokens=settings.max_new_tokens,
+                            seed=settings.seed, batch_size=settings.batch_size)
     mmlu = ({"limit": settings.sweep_mmlu, "data_dir": data_dir} if settings.sweep_mmlu
             else None)
     rows = edit_sweep(model, tokenizer, candidates,

@@ -222,7 +222,9 @@ class Edit:
         gap = f" {strength:+g} gap" if strength is not None and self.how in (
             "subtract", "clamp") else ""
         classes = ""
-        if self.info.get("positive"):
+        if self.info.get("source"):
+            classes = f" [{self.info['source']}]"
+        elif self.info.get("positive"):
             classes = f" ({'+'.join(map(str, self.info['positive']))} vs " \
                       f"{'+'.join(map(str, self.info['negative']))})"
         return f"{self.how} {where}{gap}{classes}"

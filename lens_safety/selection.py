@@ -9,10 +9,11 @@
     edit = edit_for(row, candidates)                                # then rtp_protocol on test
 
 The sweep runs on the toolkit's sweep runner (method ``"edit"``, task ``"safety"``; one
-``"none"`` row for the unedited model). Each row measures, under its edit, the fast setting of
-the RTP protocol (greedy continuations of the validation prompts: mean toxicity and fluency
-judged by the unedited model, per prompt kept for intervals), WikiText-2 perplexity and,
-optionally, MMLU accuracy.
+``"none"`` row for the unedited model). Each row measures, under its edit, a fast setting of
+the RTP protocol on the validation prompts (a greedy continuation and a few samples per prompt:
+toxicity, and fluency judged by the unedited model; per-prompt values kept for intervals),
+WikiText-2 perplexity and, optionally, MMLU accuracy. The row's ``value`` is the greedy mean
+toxicity.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class EditSweepEvaluator:
 
 
 def edit_sweep(model, tokenizer, candidates: Sequence[Edit], prompts: Sequence[str], *,
-               settings: ProtocolSettings = ProtocolSettings(k=0), scorer="profanity",
+               settings: ProtocolSettings = ProtocolSettings(k=4), scorer="profanity",
                perplexity_text: str | None = None, window: int = 512,
                max_windows: int | None = 2, mmlu: dict | None = None, batch_size: int = 16,
                out=None, progress: bool = False) -> list[dict]:
@@ -122,10 +123,12 @@ def edit_sweep(model, tokenizer, candidates: Sequence[Edit], prompts: Sequence[s
 def within_budget(row: dict, baseline: dict, max_perplexity_ratio: float | None = 1.05,
                   max_fluency_ratio: float | None = 1.10,
                   max_mmlu_drop: float | None = None) -> bool:
-    """Whether ``row``'s perplexity, fluency (greedy continuation perplexity) and MMLU stay
-    within the budget relative to the unedited ``baseline`` row (None: no limit)."""
-    checks = [("perplexity", max_perplexity_ratio), ("greedy_fluency_ppl", max_fluency_ratio),
-              ("fluency_ppl", max_fluency_ratio)]
+    """Whether ``row``'s perplexity, fluency and MMLU stay within the budget relative to the
+    unedited ``baseline`` row (None: no limit). Fluency is the perplexity of the sampled
+    continuations under the unedited model (the literature's measure), or of the greedy ones
+    when the sweep drew no samples."""
+    fluency = "fluency_ppl" if "fluency_ppl" in baseline else "greedy_fluency_ppl"
+    checks = [("perplexity", max_perplexity_ratio), (fluency, max_fluency_ratio)]
     for metric, limit in checks:
         if limit is not None and metric in baseline and metric in row:
             if not row[metric] <= limit * baseline[metric]:

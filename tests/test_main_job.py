@@ -78,16 +78,17 @@ def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, d
 
     html = report.read_text()
     # Figures 1 and 2, four for the heads (gates, gradients, training, sweep), two for the head
-    # view, two for safety
-    assert html.count('class="plotly-graph-div"') == 10
+    # view, two for the probes, the detox Pareto front
+    assert html.count('class="plotly-graph-div"') == 11
     for title in ("Baseline: tiny-llama", "Figure 1: layer removal", "Figure 2: weight pruning",
                   "Figure 3: routed heads (tiny-qwen3)", "Head view: attention patterns",
-                  "Safety: probes"):
+                  "Safety: probes", "Safety: detoxification on RealToxicityPrompts",
+                  "expected_max_toxicity", "scorer agreement with Perspective"):
         assert title in html
     assert "src=\"http" not in html and "Provenance" in html and "total run time" in html
     for stem in ("figure1_layer_removal", "figure2_weight_pruning", "figure3_head_importance",
                  "figure3_head_sweep", "attention_heads", "attention_head_summary",
-                 "safety_probes", "safety_projection_histogram"):
+                 "safety_probes", "safety_projection_histogram", "safety_pareto"):
         assert (figures / f"{stem}.html").exists()
 
 

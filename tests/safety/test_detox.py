@@ -12,7 +12,8 @@ from lens_safety.selection import within_budget
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common import UsageError
 
-TINY = DetoxSettings(k=2, n_train=40, n_validation=6, n_test_toxic=4, n_test_nontoxic=3, wheres=("middle",),
+TINY = DetoxSettings(k=2, n_train=40, n_validation=6, n_test_toxic=4, n_test_nontoxic=3,
+                     wheres=("middle",), sweep_k=2,
                      hows=(("subtract", (1.0,)), ("clamp", (0.0,)), ("leace", (None,))),
                      sweep_window=32, sweep_windows=1, test_window=32, test_windows=1,
                      test_mmlu=4, max_new_tokens=5, max_perplexity_ratio=10.0,
@@ -23,8 +24,11 @@ def test_layer_sets_and_sources(data_dir):
     assert layer_sets(30, ["middle", "late", "window", "late_window", "all"]) == {
         "middle": [15], "late": [22], "window": list(range(10, 21)),
         "late_window": list(range(20, 30)), "all": list(range(30))}
-    with pytest.raises(UsageError, match="Unknown layer set"):
-        layer_sets(30, ["everywhere"])
+    assert layer_sets(30, ["last_fifth"]) == {"last_fifth": list(range(24, 30))}
+    assert layer_sets(30, ["L3", "L20-24"]) == {"L3": [3], "L20-24": [20, 21, 22, 23, 24]}
+    for bad in ("everywhere", "L30", "L5-2"):
+        with pytest.raises(UsageError):
+            layer_sets(30, [bad])
     split = split_rtp(load_rtp(data_dir), seed=0)
     texts, labels, pool = source_data(split, "rtp_continuations")
     raw = {p.text + p.continuation: p.continuation_toxicity for p in split.train}
