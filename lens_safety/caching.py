@@ -9,7 +9,8 @@ left-padded batches with an attention mask, and pooled per batch, so memory stay
 batch's activations at the requested hook points (nothing else is cached). ``pool="last"`` takes
 the last *real* token, ``pool="mean"`` the mean over real tokens only (never over padding), and
 ``pool="mean_after_first"`` the same without each row's first token (in Llama-family models it
-carries massive activations, an attention sink, that would dominate the mean).
+carries massive activations, an attention sink, that would dominate the mean; a one-token text
+keeps its token).
 With ``store=path`` the result is saved as safetensors and reloaded on the next call with the
 same settings, texts and model weights (active hooks are not part of that check).
 """
@@ -56,8 +57,9 @@ def pool_batch(acts: Tensor, attention_mask: Tensor, pool: str) -> Tensor:
         positions = torch.arange(real.shape[1], device=real.device)
         last = torch.where(real, positions, -1).amax(dim=1)
         return acts[torch.arange(acts.shape[0], device=acts.device), last]
-    if pool == "mean_after_first":
-        real = real & (real.cumsum(dim=1) > 1)
+    if pool == "mean_after_first":  # a one-token row keeps its only token
+        after = real & (real.cumsum(dim=1) > 1)
+        real = torch.where(after.any(dim=1, keepdim=True), after, real)
     # where() rather than a multiplication: padded positions may hold NaN (fully masked rows)
     total = torch.where(real[..., None], acts, 0.0).sum(dim=1)
     return total / real.sum(dim=1, keepdim=True).clamp(min=1)
