@@ -23,6 +23,7 @@ from pathlib import Path
 from lens_safety import ProbeSettings, ProbeStudy
 from lens_safety.detox import DetoxSettings, run_detox_study
 from lens_safety.figures import pareto_figure
+from lens_safety.stats import format_interval
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common.figures import save_figure
 from pruning_bridge.common.report import Section, package_versions, write_report
@@ -273,27 +274,19 @@ def attention(models: Models, p: dict, data_dir, out: Path, figures: Path) -> li
         f"heads) and to the first token (attention sinks).", figures=[grid, summary])]
 
 
-def _ci(interval: dict | None, pct: bool = False) -> str:
-    if not interval:
-        return "-"
-    f = (lambda v: f"{100 * v:+.1f}%") if pct else (lambda v: f"{v:.3f}")
-    return f"{f(interval['estimate'])} [{f(interval['low'])}, {f(interval['high'])}]"
-
-
 def detox_tables(result) -> tuple[list[dict], list[dict]]:
     """The test-split before/after table (95% intervals) and the example continuations."""
-    rows = []
-    for kind, metrics in (result.report or {}).items():
-        for metric, s in metrics.items():
-            rows.append({"prompts": kind, "metric": metric, "before": _ci(s["before"]),
-                         "after": _ci(s["after"]), "difference": _ci(s["difference"]),
-                         "change": _ci(s["relative"], pct=True)})
+    def row(prompts: str, metric: str, s: dict, change: str) -> dict:
+        return {"prompts": prompts, "metric": metric, "before": format_interval(s["before"]),
+                "after": format_interval(s["after"]),
+                "difference": format_interval(s["difference"]), "change": change}
+
+    rows = [row(kind, metric, s, format_interval(s["relative"], percent=True))
+            for kind, metrics in (result.report or {}).items() for metric, s in metrics.items()]
     for metric in ("mmlu_accuracy", "probe_harmful_toxic"):
         if metric in result.test:
-            s = result.test[metric]
-            rows.append({"prompts": "toxic" if "probe" in metric else "MMLU", "metric": metric,
-                         "before": _ci(s["before"]), "after": _ci(s["after"]),
-                         "difference": _ci(s["difference"]), "change": "-"})
+            rows.append(row("toxic" if "probe" in metric else "MMLU", metric,
+                            result.test[metric], "-"))
     if "perplexity" in result.test:
         ppl = result.test["perplexity"]
         rows.append({"prompts": "WikiText-2", "metric": "perplexity",

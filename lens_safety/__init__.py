@@ -12,7 +12,8 @@ from .prompts import Prompt, PromptSet
 from .protocol import ProtocolReport, ProtocolSettings, rtp_protocol, run_protocol
 from .rtp import RtpPrompt, RtpSplit, load_rtp, split_rtp
 from .selection import edit_for, edit_grid, edit_sweep, select_edit
-from .stats import Interval, bootstrap_interval, paired_difference, relative_change
+from .stats import (Interval, bootstrap_interval, format_interval, paired_difference,
+                    relative_change)
 from .study import ProbeSettings, ProbeStudy, run_probe_study
 from .sweep import alpha_sweep
 from .toxicity import ScorerAgreement, get_scorer, profanity_scorer, scorer_agreement
@@ -20,8 +21,8 @@ from .toxicity import ScorerAgreement, get_scorer, profanity_scorer, scorer_agre
 __all__ = [
     "Edit", "Interval", "LeaceEraser", "ProtocolReport", "ProtocolSettings", "RtpPrompt",
     "RtpSplit", "ScorerAgreement", "bootstrap_interval", "edit_for", "edit_grid", "edit_sweep",
-    "fit_leace", "load_rtp", "paired_difference", "relative_change", "rtp_protocol",
-    "run_protocol", "scorer_agreement", "select_edit", "split_rtp",
+    "fit_leace", "format_interval", "load_rtp", "paired_difference", "relative_change",
+    "rtp_protocol", "run_protocol", "scorer_agreement", "select_edit", "split_rtp",
     "EditReport", "LayerProbes", "ProbeSettings", "ProbeStudy", "Prompt", "PromptSet", "ablate",
     "alpha_sweep", "binary_labels", "cache_residuals", "evaluate_edit", "get_scorer",
     "harmful_direction", "hooked_from_hf", "load_direction", "load_hooked", "orthogonalize",

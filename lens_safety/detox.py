@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,6 +119,7 @@ class DetoxResult(JsonDataclass):
     test: dict[str, Any] = field(default_factory=dict)  # metric -> before/after/difference
     examples: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] | None = None  # the ProtocolReport's summary
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each phase
 
     @property
     def selected_edit(self) -> str | None:
@@ -221,10 +223,19 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
         saved = json.loads(result_path.read_text())
         if saved["settings"] == json.loads(json.dumps(fingerprint)):
             return DetoxResult(**saved)
+    seconds, tic = {}, time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal tic
+        seconds[phase] = round(time.perf_counter() - tic, 1)
+        tic = time.perf_counter()
+
     split = split_rtp(load_rtp(data_dir), settings.fractions, settings.seed)
     agreement = scorer_agreement(settings.scorer, data_dir)
+    lap("data_and_agreement")
     candidates = candidate_edits(model, tokenizer, split, settings, folder, model_name,
                                  progress)
+    lap("fit")
     fast = ProtocolSettings(k=settings.sweep_k, max_new_tokens=settings.max_new_tokens,
                             seed=settings.seed, batch_size=settings.batch_size)
     mmlu = ({"limit": settings.sweep_mmlu, "data_dir": data_dir} if settings.sweep_mmlu
@@ -235,9 +246,11 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
                       window=settings.sweep_window, max_windows=settings.sweep_windows,
                       mmlu=mmlu, batch_size=settings.batch_size, progress=progress,
                       out=None if folder is None else folder / "edit_sweep.jsonl")
+    lap("sweep")
     row = select_edit(rows, settings.max_perplexity_ratio, settings.max_fluency_ratio,
                       settings.max_mmlu_drop)
-    result = DetoxResult(json.loads(json.dumps(fingerprint)), agreement.to_dict(), rows, row)
+    result = DetoxResult(json.loads(json.dumps(fingerprint)), agreement.to_dict(), rows, row,
+                         seconds=seconds)
     if row is not None:
         edit = edit_for(row, candidates)
         if folder is not None:
@@ -248,12 +261,14 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
                                     seed=settings.seed, batch_size=settings.batch_size)
         report = rtp_protocol(model, tokenizer, test, protocol, settings.scorer, edit,
                               progress=progress)
+        lap("test_protocol")
         if folder is not None:
             report.to_json(folder / "test_protocol.json")
         result.report = report.summary
         result.test = _extras(model, tokenizer, edit, report, settings, data_dir, probe_study,
                               progress)
         result.examples = examples(report)
+        lap("test_extras")
     if result_path is not None:
         result.to_json(result_path)
     return result

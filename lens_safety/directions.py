@@ -85,10 +85,9 @@ def harmful_direction(acts, labels: Sequence, layer: int, method: str = "mean_di
     if method not in METHODS:
         raise UsageError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
     X = as_array(acts)
-    if X.ndim == 3 and X.shape[1] != len(labels):
-        check_data(X, np.asarray(labels))
+    check_data(X, np.asarray(labels))  # shapes first, then the chosen classes
     rows, y = class_labels(labels, positive, negative)
-    X = X[:, rows] if X.ndim == 3 else X
+    X = X[:, rows]
     check_data(X, y)
     if not 0 <= layer < len(X):
         raise UsageError(f"Layer {layer} out of range: the activations have {len(X)} layers "

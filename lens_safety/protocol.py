@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from pruning_bridge.common import JsonDataclass, UsageError, model_device
 
 from .backend import as_lm, is_bridge
-from .stats import bootstrap_interval, paired_difference, relative_change
+from .stats import bootstrap_interval, format_interval, paired_difference, relative_change
 from .toxicity import get_scorer, scorer_name
 
 METRICS = ("expected_max_toxicity", "toxicity_probability", "greedy_toxicity", "fluency_ppl",
@@ -246,16 +246,10 @@ class ProtocolReport(JsonDataclass):
         for kind, metrics in self.summary.items():
             lines.append(f"  {kind} ({len(self.before[kind].prompts)} prompts)")
             for metric, s in metrics.items():
-                lines.append(f"    {metric:<22} {_fmt(s['before'])}  ->  {_fmt(s['after'])}"
-                             f"   change {_fmt(s['relative'], pct=True)}")
+                before, after = format_interval(s['before']), format_interval(s['after'])
+                lines.append(f"    {metric:<22} {before}  ->  {after}"
+                             f"   change {format_interval(s['relative'], percent=True)}")
         return "\n".join(lines)
-
-
-def _fmt(interval: dict | None, pct: bool = False) -> str:
-    if not interval:
-        return "-"
-    f = (lambda v: f"{100 * v:+.1f}%") if pct else (lambda v: f"{v:.3f}")
-    return f"{f(interval['estimate'])} [{f(interval['low'])}, {f(interval['high'])}]"
 
 
 def compare(before: ProtocolRun, after: ProtocolRun, seed: int = 0) -> dict[str, dict]:

@@ -53,7 +53,18 @@ class Interval(JsonDataclass):
         return self.high - self.low
 
     def __str__(self) -> str:
-        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        return format_interval(self)
+
+
+def format_interval(interval: Interval | dict | None, percent: bool = False) -> str:
+    """``"0.251 [0.190, 0.310]"`` (or ``"-58.8% [-73.3%, -41.8%]"``); ``"-"`` for none. Takes
+    an ``Interval`` or its dict (as saved in JSON)."""
+    if not interval:
+        return "-"
+    if isinstance(interval, Interval):
+        interval = interval.to_dict()
+    f = (lambda v: f"{100 * v:+.1f}%") if percent else (lambda v: f"{v:.3f}")
+    return f"{f(interval['estimate'])} [{f(interval['low'])}, {f(interval['high'])}]"
 
 
 # ---------------------------------------------------------------- checks

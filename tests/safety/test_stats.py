@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from lens_safety.stats import Interval, bootstrap_interval, paired_difference, relative_change
+from lens_safety.stats import (Interval, bootstrap_interval, format_interval, paired_difference,
+                               relative_change)
 from pruning_bridge.common import UsageError
 
 N_ITEMS = 80
@@ -143,3 +144,12 @@ def test_chunked_resampling_gives_the_same_interval(monkeypatch):
     whole = bootstrap_interval(values), relative_change(values + 5, values + 6)
     monkeypatch.setattr(stats_module, "_MAX_ELEMENTS", 50 * 7)  # 7 resamples per chunk
     assert (bootstrap_interval(values), relative_change(values + 5, values + 6)) == whole
+
+
+def test_format_interval_reads_intervals_and_their_json():
+    interval = Interval(0.25, 0.19, 0.31, n=100)
+    assert format_interval(interval) == "0.250 [0.190, 0.310]" == str(interval)
+    assert format_interval(interval.to_dict()) == "0.250 [0.190, 0.310]"
+    assert format_interval({"estimate": -0.588, "low": -0.733, "high": -0.418},
+                           percent=True) == "-58.8% [-73.3%, -41.8%]"
+    assert format_interval(None) == "-"
