@@ -40,17 +40,16 @@ from pruning_bridge.pruning.layers import block_influence
 from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
 
 SMOL = "smollm2-135m"
-PRESETS = {  # sizes: ~15 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
+PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
     "default": dict(compress_model=SMOL, head_models=[SMOL], safety_model=SMOL,
                     mmlu=451, gsm8k=16, gsm8k_tokens=192, windows=8, window=1024,
                     layer_tasks="perplexity", weight_tasks="perplexity", sweep_mmlu=57,
                     sweep_windows=4, sweep_window=512, head_steps=40, head_batch=4,
-                    head_seq_len=128, head_tasks="perplexity", safety_per_class=None,
-                    detox=DetoxSettings(sources=("rtp_prompts",),
-                                        wheres=("late", "L20-24", "last_fifth"),
-                                        hows=(("clamp", (0.0, 0.25)),), n_validation=80,
-                                        sweep_k=2, k=4, n_test_toxic=100, n_test_nontoxic=40,
-                                        test_windows=4, test_mmlu=200)),
+                    head_seq_len=128, head_tasks="perplexity", safety_per_class=150,
+                    detox=DetoxSettings(sources=("rtp_prompts",), wheres=("last_fifth",),
+                                        hows=(("clamp", (0.0, 0.25)),), n_validation=50,
+                                        sweep_k=2, k=4, n_test_toxic=80, n_test_nontoxic=30,
+                                        test_windows=4, test_mmlu=100)),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
                   safety_model="tiny-gpt2", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2,
                   window=128, layer_tasks="mmlu,perplexity", weight_tasks="mmlu,perplexity",
