@@ -34,6 +34,7 @@ from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
                                     layer_removal_figure, router_loss_figure, weight_pruning_figure)
 from pruning_bridge.head_view import attention_figure, head_summary_figure
 from pruning_bridge.heads.study import run_head_study
+from pruning_bridge.heads.sweep import REPORT_FRACTIONS
 from pruning_bridge.models import load_model
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
 from pruning_bridge.pruning.layers import block_influence
@@ -42,14 +43,15 @@ from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
 SMOL = "smollm2-135m"
 PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
     "default": dict(compress_model=SMOL, head_models=[SMOL], safety_model=SMOL,
-                    mmlu=451, gsm8k=16, gsm8k_tokens=192, windows=8, window=1024,
+                    mmlu=228, gsm8k=8, gsm8k_tokens=192, windows=8, window=1024,
                     layer_tasks="perplexity", weight_tasks="perplexity", sweep_mmlu=57,
-                    sweep_windows=4, sweep_window=512, head_steps=40, head_batch=4,
-                    head_seq_len=128, head_tasks="perplexity", safety_per_class=150,
+                    sweep_windows=4, sweep_window=512, head_steps=30, head_batch=4,
+                    head_seq_len=128, head_tasks="perplexity", head_fractions=(0.75, 0.5),
+                    safety_per_class=150,
                     detox=DetoxSettings(sources=("rtp_prompts",), wheres=("last_fifth",),
-                                        hows=(("clamp", (0.0, 0.25)),), n_validation=50,
-                                        sweep_k=2, k=4, n_test_toxic=80, n_test_nontoxic=30,
-                                        test_windows=4, test_mmlu=100)),
+                                        hows=(("clamp", (0.0, 0.25)),), n_validation=40,
+                                        sweep_k=2, k=4, n_test_toxic=50, n_test_nontoxic=20,
+                                        test_windows=2, test_mmlu=57)),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
                   safety_model="tiny-gpt2", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2,
                   window=128, layer_tasks="mmlu,perplexity", weight_tasks="mmlu,perplexity",
@@ -206,7 +208,8 @@ def heads(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[S
         study = run_head_study(
             model, tokenizer, folder(out, name) / "heads",
             sweep_settings(p, p["head_tasks"], data_dir), steps=p["head_steps"],
-            batch_size=p["head_batch"], seq_len=p["head_seq_len"])
+            batch_size=p["head_batch"], seq_len=p["head_seq_len"],
+            fractions=p.get("head_fractions", REPORT_FRACTIONS))
         stem = "figure3" if name == p["head_models"][0] else f"figure3_{name.split('/')[-1]}"
         figs = [head_importance_figure(study.mean_gates, f"{name}: mean router gate per head",
                                        study.router.n_shared),
