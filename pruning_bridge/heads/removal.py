@@ -7,13 +7,18 @@
   whose query heads are all gone is removed too, and when the kept query heads spread unevenly
   over the kept kv heads (say 1 and 2), kv heads are replicated so that every kv head serves
   the same number of query heads, as HF's attention (``num_key_value_groups``) requires
-  (a later removal counts such replicas as one kv head again).
+  (a later removal counts such replicas as one kv head again). Replication can make a layer
+  *larger* (SmolLM2, 9 query over 3 kv heads: one head less takes a layer from 3 to 8 kv
+  heads); ``remove_heads`` then warns with the numbers (``LayerGrowthWarning``).
+- ``heads_to_remove``: which heads to remove for a fraction, by importance. By default
+  *balanced*: every layer keeps a uniform layout (each kept kv head serves the same number of
+  query heads, no replication), so every layer shrinks; ``mode="uneven"`` (any heads, exact
+  by replication) and ``mode="groups"`` (whole kv groups) are the alternatives.
 - A saved model whose per-layer layout the standard config cannot express (layers that
   differ, or a GPT-2 / GPT-NeoX with fewer heads: their head size is always
   ``hidden_size / num_attention_heads``) carries ``config.head_layout = [[n_query, n_kv], ...]``
   and reloads with ``pruning_bridge.models.load_head_pruned`` (or ``load_model``). Other pruned
   models reload with plain ``from_pretrained``.
-- ``heads_to_remove``: the globally least important heads (or whole kv groups) for a fraction.
 - ``head_counts``: ``(query, kv)`` heads per layer.
 
 Head indices always refer to the model's current heads, in the order ``head_counts`` counts.
@@ -23,17 +28,30 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Mapping, Sequence
+import warnings
+from typing import Mapping, Sequence, Union
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from ..bridge import head_counts, model_dims, select_heads
+from ..bridge import HookBridge, blocks_of, head_counts, model_dims, select_heads
 from ..bridge.architectures import kv_copies
 from ..common.errors import OutOfRangeError, UsageError
 from ..models import load_head_pruned
 
-__all__ = ["head_counts", "heads_to_remove", "load_head_pruned", "remove_heads"]
+__all__ = ["HEAD_SELECTIONS", "LayerGrowthWarning", "head_counts", "heads_to_remove",
+           "load_head_pruned", "remove_heads"]
+
+HEAD_SELECTIONS = ("balanced", "uneven", "groups")
+
+# The kv layout ``heads_to_remove`` needs: a model (or HookBridge), or ``(n_query, n_kv)`` heads
+# per layer as ``head_counts`` gives them.
+Layout = Union[torch.nn.Module, HookBridge, Sequence[Sequence[int]]]
+
+
+class LayerGrowthWarning(UserWarning):
+    """A head removal made a layer larger: the kept query heads spread unevenly over the kv
+    heads, and the kv heads were replicated to make the layout exact."""
 
 
 def _gqa_plan(kept: list[int], groups: int, copies: list[int]) -> tuple[list[int], list[int]]:
@@ -115,6 +133,10 @@ def _record_layout(model) -> None:
         del config.head_layout
 
 
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 @torch.no_grad()
 def remove_heads(model, heads_by_layer: Mapping[int, Sequence[int]]):
     """Delete the listed query heads of each layer from ``model`` in place (and return it).
@@ -123,50 +145,228 @@ def remove_heads(model, heads_by_layer: Mapping[int, Sequence[int]]):
     must stay (to remove a whole layer use ``drop_layers``). Kept heads keep their order, except
     that heads sharing a kv head are made adjacent. The config is updated so that
     ``save_pretrained`` + ``from_pretrained`` reloads the model, or, when the layout needs
-    ``config.head_layout`` (see the module docstring), ``load_head_pruned`` does.
+    ``config.head_layout`` (see the module docstring), ``load_head_pruned`` does. A layer that
+    ends up with more parameters than before (kv heads replicated for an uneven split) is
+    reported by a ``LayerGrowthWarning``; ``heads_to_remove``'s balanced selection never
+    causes one.
     """
     counts = head_counts(model)
     plan = _check_heads(heads_by_layer, counts)  # everything is checked before any change
+    blocks = blocks_of(model)
+    grown = []
     for layer, removed in plan.items():
         n_q, n_kv = counts[layer]
+        before = _n_params(blocks[layer])
         kept = sorted(set(range(n_q)) - set(removed))
         q_heads, kv_heads = _gqa_plan(kept, n_q // n_kv, kv_copies(model, layer))
         select_heads(model, layer, q_heads, kv_heads)
+        after = _n_params(blocks[layer])
+        if after > before:
+            grown.append(f"layer {layer}: {before:,} -> {after:,} parameters (query heads "
+                         f"{n_q} -> {len(q_heads)}, kv heads {n_kv} -> {len(kv_heads)}, "
+                         f"{len(kv_heads) - len(set(kv_heads))} of them replicas)")
     _record_layout(model)
+    if grown:
+        warnings.warn(
+            f"remove_heads made {len(grown)} layer(s) larger, because the kept query heads "
+            f"spread unevenly over the kv heads and kv heads were replicated so that each "
+            f"serves the same number of query heads: {'; '.join(grown)}. To shrink every "
+            f"layer, remove the same number of query heads from every kv group of a layer: "
+            f"heads_to_remove(importance, fraction, model) does (its default, balanced "
+            f"selection).", LayerGrowthWarning, stacklevel=2)
     return model
 
 
-def heads_to_remove(importance, fraction: float, *,
-                    kv_groups: int | None = None) -> dict[int, list[int]]:
-    """The globally least important heads, ``fraction`` of all of them, for ``remove_heads``.
+# ---------------------------------------------------------------- which heads to remove
 
-    ``importance`` is ``[n_layers, n_heads]`` (tensor or array; higher = more important).
-    ``round(fraction * n_heads_total)`` heads are chosen, lowest importance first (ties: lower
-    layer, then lower head), never the most important head of a layer, so every layer keeps
-    one. With ``kv_groups`` (query heads per kv head) the unit is a whole kv group of
-    consecutive heads, scored by its summed importance: k/v shrink as much as q/o and no kv
-    head needs replicating; ``fraction`` then counts groups.
+Groups = list[list[int]]  # one layer's kv groups: the query heads sharing each kv head
+
+
+def _groups_of_model(model) -> list[Groups]:
+    """Per layer, the query heads of each distinct kv head (replicas of one kv head merged)."""
+    groups = []
+    for layer, (n_q, n_kv) in enumerate(head_counts(model)):
+        copies = kv_copies(model, layer)
+        by_kv: dict[int, list[int]] = {}
+        for h in range(n_q):
+            by_kv.setdefault(copies[h // (n_q // n_kv)], []).append(h)
+        groups.append(list(by_kv.values()))
+    return groups
+
+
+def _groups_of_counts(counts: Sequence[Sequence[int]]) -> list[Groups]:
+    """Per layer, ``n_kv`` groups of ``n_q / n_kv`` consecutive query heads."""
+    groups = []
+    for layer, pair in enumerate(counts):
+        try:
+            n_q, n_kv = (int(n) for n in pair)
+        except (TypeError, ValueError):
+            raise UsageError(f"layout must be a model or (n_query, n_kv) heads per layer, as "
+                             f"head_counts(model) gives them; layer {layer} has {pair!r}.") \
+                from None
+        if not (n_q > 0 and n_kv > 0 and n_q % n_kv == 0):
+            raise UsageError(f"Layer {layer} of the layout has {n_q} query heads over {n_kv} kv "
+                             f"heads; the kv heads must be at least one and divide the query "
+                             f"heads.")
+        size = n_q // n_kv
+        groups.append([list(range(j * size, (j + 1) * size)) for j in range(n_kv)])
+    return groups
+
+
+def _layout_groups(layout: Layout | None, kv_groups: int | None, n_layers: int,
+                   n_heads: int) -> list[Groups] | None:
+    """The kv groups of every layer, from ``layout`` or ``kv_groups``; checked against the
+    ``[n_layers, n_heads]`` importance."""
+    if layout is not None and kv_groups is not None:
+        raise UsageError("Give the kv layout once: layout (a model or head_counts(model)) or "
+                         "kv_groups (query heads per kv head), not both.")
+    if kv_groups is not None:
+        if not (isinstance(kv_groups, int) and kv_groups > 0 and n_heads % kv_groups == 0):
+            raise UsageError(f"kv_groups={kv_groups} does not divide the {n_heads} heads per "
+                             f"layer; it is the number of query heads per kv head.")
+        return _groups_of_counts([(n_heads, n_heads // kv_groups)] * n_layers)
+    if layout is None:
+        return None
+    if isinstance(layout, HookBridge):
+        layout = layout.model
+    groups = (_groups_of_model(layout) if isinstance(layout, torch.nn.Module)
+              else _groups_of_counts(layout))
+    if len(groups) != n_layers:
+        raise UsageError(f"The layout has {len(groups)} layers but the importance has "
+                         f"{n_layers}; rank the heads of the model you prune.")
+    for layer, layer_groups in enumerate(groups):
+        n_q = sum(map(len, layer_groups))
+        if n_q != n_heads:
+            raise UsageError(f"Layer {layer} has {n_q} query heads but the importance has "
+                             f"{n_heads} per layer; rank the heads of the model you prune.")
+    return groups
+
+
+def _uniform_removals(scores: list[float], groups: Groups) -> dict[int, tuple[float, list[int]]]:
+    """Every number of heads one layer can lose and keep a uniform layout, with the least
+    important such removal: ``{n_removed: (summed importance, heads removed)}``.
+
+    A uniform layout keeps ``c`` query heads in each of ``m`` kv groups. For a given ``c`` the
+    best choice keeps each group's ``c`` most important heads and the ``m`` groups whose kept
+    heads sum highest. ``m = all groups`` is the same number of heads removed from every
+    group; smaller ``m`` also drops whole groups (needed beyond ``1 - 1/group size`` of a
+    layer, and the only way to remove heads without GQA, where every head is a group).
+    """
+    n = len(scores)
+    # ties: lower heads and groups go first, as in the uneven selection
+    rank = {h: r for r, h in enumerate(sorted(range(n), key=lambda h: (-scores[h], -h)))}
+    options: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
+    for c in range(1, max(map(len, groups)) + 1):
+        tops = [sorted(g, key=rank.__getitem__)[:c] for g in groups if len(g) >= c]
+        tops.sort(key=lambda heads: (-math.fsum(scores[h] for h in heads), -min(heads)))
+        for m in range(1, len(tops) + 1):
+            kept = {h for heads in tops[:m] for h in heads}
+            removed = [h for h in range(n) if h not in kept]
+            cost = math.fsum(scores[h] for h in removed)
+            if len(removed) not in options or cost < options[len(removed)][0]:
+                options[len(removed)] = (cost, removed)
+    return options
+
+
+def _balanced(scores: torch.Tensor, groups: list[Groups], k: int) -> dict[int, list[int]]:
+    """Uniform removals per layer whose total is as close to ``k`` as possible (fewer on a
+    tie) and, for that total, of least summed importance (a small knapsack over layers)."""
+    options = [_uniform_removals(scores[layer].tolist(), layer_groups)
+               for layer, layer_groups in enumerate(groups)]
+    most = sum(max(o) for o in options)
+    if k > most:
+        raise UsageError(f"Removing {k} of {scores.numel()} heads would empty a layer; at most "
+                         f"{most} can go (one per layer stays).")
+    best: dict[int, float] = {0: 0.0}  # heads removed so far -> least summed importance
+    steps: list[dict[int, tuple[int, int]]] = []  # per layer: total -> (previous total, removed)
+    for layer_options in options:
+        new: dict[int, float] = {}
+        step: dict[int, tuple[int, int]] = {}
+        for total, cost in best.items():
+            for r, (c, _) in sorted(layer_options.items()):
+                if total + r not in new or cost + c < new[total + r]:
+                    new[total + r], step[total + r] = cost + c, (total, r)
+        best = new
+        steps.append(step)
+    total = min(best, key=lambda t: (abs(t - k), t))
+    chosen: dict[int, list[int]] = {}
+    for layer in reversed(range(len(options))):
+        total, r = steps[layer][total]
+        if r:
+            chosen[layer] = options[layer][r][1]
+    return dict(sorted(chosen.items()))
+
+
+def _least_important_units(scores: torch.Tensor, groups: list[Groups], fraction: float,
+                           unit: str) -> dict[int, list[int]]:
+    """The globally least important units (groups of heads), ``fraction`` of all of them,
+    never the most important unit of a layer (ties: lower layer, then lower unit)."""
+    units = [[(math.fsum(scores[layer, h].item() for h in g), g) for g in layer_groups]
+             for layer, layer_groups in enumerate(groups)]
+    n_units = sum(map(len, units))
+    k = math.floor(fraction * n_units + 0.5)
+    candidates = []
+    for layer, layer_units in enumerate(units):
+        protected = max(range(len(layer_units)), key=lambda i: (layer_units[i][0], -i))
+        candidates += [(score, layer, i) for i, (score, _) in enumerate(layer_units)
+                       if i != protected]
+    candidates.sort()
+    if k > len(candidates):
+        raise UsageError(f"Removing {k} of {n_units} {unit} would empty a layer; at most "
+                         f"{len(candidates)} can go (one per layer stays).")
+    chosen: dict[int, list[int]] = {}
+    for _, layer, i in candidates[:k]:
+        chosen.setdefault(layer, []).extend(units[layer][i][1])
+    return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
+
+
+def heads_to_remove(importance, fraction: float, layout: Layout | None = None, *,
+                    mode: str | None = None,
+                    kv_groups: int | None = None) -> dict[int, list[int]]:
+    """The least important heads, about ``fraction`` of all of them, for ``remove_heads``.
+
+    ``importance`` is ``[n_layers, n_heads]`` (tensor or array; higher = more important);
+    ``layout`` the kv layout of the model to prune: the model itself (or its ``HookBridge``)
+    or ``(n_query, n_kv)`` heads per layer (``head_counts(model)``). ``mode``:
+
+    - ``"balanced"`` (the default): per layer, the same number of query heads from every kv
+      group (each group's least important), or also whole groups, so that every kept kv head
+      serves the same number of query heads: no kv head is replicated and every layer that
+      loses heads shrinks. Per-layer counts are chosen together: the total is the one nearest
+      ``round(fraction * n_heads_total)`` that such layouts allow (the fewer on a tie), and of
+      those removals the one of least summed importance. Without GQA (as many kv heads as
+      query heads, e.g. GPT-2) every head is its own group and any count is balanced.
+    - ``"uneven"``: exactly that many heads, the globally least important (ties: lower layer,
+      then lower head), never the most important of a layer; ``layout`` is not needed. Exact,
+      but an uneven split over kv groups replicates kv heads and can make a layer larger.
+    - ``"groups"``: whole kv groups, scored by their summed importance, never a layer's best;
+      ``fraction`` counts groups. ``kv_groups`` (query heads per kv head) is the older
+      spelling of this mode for a uniform layout, in place of ``layout``.
+
+    Every layer keeps at least one head.
     """
     scores = torch.as_tensor(importance).detach().to("cpu", torch.float64)
     if scores.ndim != 2:
         raise UsageError(f"importance must be [n_layers, n_heads]; got {tuple(scores.shape)}.")
     if not 0 <= fraction <= 1:
         raise UsageError(f"fraction must be in [0, 1]; got {fraction}.")
+    mode = mode if mode is not None else "groups" if kv_groups is not None else "balanced"
+    if mode not in HEAD_SELECTIONS:
+        raise UsageError(f"mode must be one of {', '.join(map(repr, HEAD_SELECTIONS))}; got "
+                         f"{mode!r}.")
+    if kv_groups is not None and mode != "groups":
+        raise UsageError(f"kv_groups selects whole kv groups (mode='groups'); with "
+                         f"mode={mode!r} pass the layout instead.")
     n_layers, n_heads = scores.shape
-    size = kv_groups or 1
-    if n_heads % size:
-        raise UsageError(f"kv_groups={kv_groups} does not divide the {n_heads} heads per layer.")
-    units = scores.reshape(n_layers, n_heads // size, size).sum(-1)
-    k = math.floor(fraction * units.numel() + 0.5)
-    protected = units.argmax(dim=1).tolist()
-    candidates = sorted((units[layer, unit].item(), layer, unit)
-                        for layer in range(n_layers) for unit in range(units.shape[1])
-                        if unit != protected[layer])
-    if k > len(candidates):
-        raise UsageError(f"Removing {k} of {units.numel()} {'groups' if kv_groups else 'heads'} "
-                         f"would empty a layer; at most {len(candidates)} can go (one per "
-                         f"layer stays).")
-    chosen: dict[int, list[int]] = {}
-    for _, layer, unit in candidates[:k]:
-        chosen.setdefault(layer, []).extend(range(unit * size, (unit + 1) * size))
-    return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
+    groups = _layout_groups(layout, kv_groups, n_layers, n_heads)
+    if mode == "uneven":
+        return _least_important_units(scores, [[[h] for h in range(n_heads)]] * n_layers,
+                                      fraction, "heads")
+    if groups is None:
+        raise UsageError(f"The {mode} selection needs the model's kv layout: pass the model "
+                         f"(or head_counts(model)) as layout, e.g. heads_to_remove(importance, "
+                         f"{fraction}, model); or mode='uneven' for single heads regardless of "
+                         f"kv groups.")
+    if mode == "groups":
+        return _least_important_units(scores, groups, fraction, "groups")
+    return _balanced(scores, groups, math.floor(fraction * scores.numel() + 0.5))

@@ -7,6 +7,10 @@ on one ``EvalSettings``; rows go to a ``ResultsLog`` as they finish (resumable):
 ``removed`` (``heads_to_remove`` on an importance matrix, applied to a copy of the model), with
 ``config["active_fraction"]`` the fraction of heads that really run.
 
+Removal uses the balanced selection (``heads_to_remove``'s default: every layer keeps a uniform
+kv layout, so every pruned layer really shrinks); the achieved ``active_fraction`` is then the
+nearest such layouts allow, which on grouped-query models can differ slightly from the target.
+
 Each fraction needs its own router: MoH gates are ``k`` times the renormalised top-k
 probabilities, so a router trained at one ``k`` and run at a larger one amplifies its favourite
 heads (on SmolLM2, a top-4 router run at top-7 took perplexity from 31 to over 10,000).
@@ -55,7 +59,8 @@ def head_sweep(model, tokenizer, routers: Mapping[float, RoutedHeads], importanc
     ``routers`` maps each target fraction (0, 1] to the router trained for it (see
     ``top_k_for``). ``importance`` (``[n_layers, n_heads]``, e.g. a router's mean gates) ranks
     heads for removal. The tasks, limits (one number or a dict per task), window and data are
-    those of ``settings``. ``out`` (a ``.jsonl`` path or a ``ResultsLog``) receives each row as
+    those of ``settings``. Removed heads are chosen by the balanced selection (see
+    ``heads_to_remove``). ``out`` (a ``.jsonl`` path or a ``ResultsLog``) receives each row as
     it finishes; the rows returned are exactly this sweep's. The model is never changed:
     removal happens on a copy, routing through hooks.
     """
@@ -70,9 +75,10 @@ def head_sweep(model, tokenizer, routers: Mapping[float, RoutedHeads], importanc
                                         **router.settings(),
                                         "active_fraction": router.active_fraction},
                              lambda router=router: router.routing(bridge)))
-        removal = heads_to_remove(importance, 1 - fraction)
+        removal = heads_to_remove(importance, 1 - fraction, model)
         removed = sum(len(h) for h in removal.values())
         rows.append(SweepRow("removed", {"target": fraction, "ranking": fingerprint(importance),
+                                         "selection": "balanced",
                                          "active_fraction": 1 - removed / n_heads_total},
                              lambda removal=removal: _heads_removed(model, removal)))
     return run_sweep(rows, TaskEvaluator(model, tokenizer, settings), out)

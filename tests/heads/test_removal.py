@@ -205,10 +205,12 @@ def test_bad_input_errors_leave_the_model_unchanged(tiny):
 
 def test_heads_to_remove_picks_the_least_important():
     importance = torch.tensor([[1.0, 5.0, 3.0, 2.0], [0.5, 0.1, 9.0, 8.0]])
-    assert heads_to_remove(importance, 0.5) == {0: [0, 3], 1: [0, 1]}
-    assert heads_to_remove(importance.numpy(), 0.0) == {}
+    assert heads_to_remove(importance, 0.5, mode="uneven") == {0: [0, 3], 1: [0, 1]}
+    assert heads_to_remove(importance.numpy(), 0.0, mode="uneven") == {}
     # the most important head of each layer always stays
-    assert heads_to_remove(importance, 0.75) == {0: [0, 2, 3], 1: [0, 1, 3]}
+    assert heads_to_remove(importance, 0.75, mode="uneven") == {0: [0, 2, 3], 1: [0, 1, 3]}
+    # balanced (4 query over 2 kv heads): one head per kv group, or a whole group
+    assert heads_to_remove(importance, 0.5, [(4, 2)] * 2) == {0: [0, 3], 1: [0, 1]}
     # whole kv groups, scored by their sum: [6, 5] and [0.6, 17]
     assert heads_to_remove(np.asarray(importance), 0.5, kv_groups=2) == {0: [2, 3], 1: [0, 1]}
 
@@ -216,7 +218,7 @@ def test_heads_to_remove_picks_the_least_important():
 def test_heads_to_remove_errors():
     importance = torch.ones(2, 4)
     with pytest.raises(ValueError, match="at most 6"):
-        heads_to_remove(importance, 1.0)
+        heads_to_remove(importance, 1.0, mode="uneven")
     with pytest.raises(ValueError, match="fraction"):
         heads_to_remove(importance, 1.5)
     with pytest.raises(ValueError, match="kv_groups=3"):
