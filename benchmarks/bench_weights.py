@@ -32,52 +32,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
-import psutil
 import torch
 from torch.nn.utils import prune
 
 from common import print_table
+from pruning_bridge.common.memory import PeakMemory
 from pruning_bridge.models import load_model
 from pruning_bridge.pruning.weights import (magnitude_masks, magnitude_prune, prunable_linears,
                                     prune_permanently)
-
-
-class PeakRSS:
-    """Peak RSS above the level at entry, sampled every ``interval`` seconds by a thread."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-        self.process = psutil.Process()
-        self.stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self.stop.wait(self.interval):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> "PeakRSS":
-        gc.collect()
-        self.base = self.peak = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.base
 
 
 def zeros_in(linears) -> int:
@@ -132,7 +101,7 @@ def measure(variant: str, args) -> dict:
     originals = {name: m.weight.detach().clone() for name, m in prunable_linears(model).items()}
     times, peaks, zeros = [], [], []
     for _ in range(args.repeats):
-        with torch.no_grad(), PeakRSS() as memory:
+        with torch.no_grad(), PeakMemory(interval=0.001) as memory:
             start = time.perf_counter()
             zeros.append(VARIANTS[variant](model, args.sparsity))
             times.append(time.perf_counter() - start)

@@ -23,12 +23,15 @@ from pathlib import Path
 from lens_safety import ProbeSettings, ProbeStudy
 from lens_safety.detox import DetoxSettings, run_detox_study
 from lens_safety.figures import pareto_figure
+from lens_safety.prompts import load_crows_pairs, load_toxigen
+from lens_safety.rtp import load_rtp
 from lens_safety.stats import format_interval
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common.figures import save_figure
+from pruning_bridge.common.memory import PeakMemory
 from pruning_bridge.common.report import Section, package_versions, write_report
 from pruning_bridge.evals import EvalResult, EvalSettings, gsm8k_accuracy, mmlu_accuracy, perplexity
-from pruning_bridge.evals.data import load_wikitext2
+from pruning_bridge.evals.data import load_gsm8k, load_mmlu, load_wikitext2
 from pruning_bridge.evals.tasks import WIKITEXT_TEST
 from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
                                     layer_removal_figure, router_loss_figure, weight_pruning_figure)
@@ -36,6 +39,7 @@ from pruning_bridge.head_view import attention_figure, head_summary_figure
 from pruning_bridge.heads.study import run_head_study
 from pruning_bridge.heads.sweep import REPORT_FRACTIONS
 from pruning_bridge.models import load_model
+from pruning_bridge.preflight import PreflightError, preflight
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
 from pruning_bridge.pruning.layers import block_influence
 from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
@@ -43,14 +47,14 @@ from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
 SMOL = "smollm2-135m"
 PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
     "default": dict(compress_model=SMOL, head_models=[SMOL], safety_model=SMOL,
-                    mmlu=228, gsm8k=8, gsm8k_tokens=192, windows=8, window=1024,
+                    mmlu=114, gsm8k=4, gsm8k_tokens=192, windows=8, window=1024,
                     layer_tasks="perplexity", weight_tasks="perplexity", sweep_mmlu=57,
-                    sweep_windows=4, sweep_window=512, head_steps=30, head_batch=4,
-                    head_seq_len=128, head_tasks="perplexity", head_fractions=(0.75, 0.5),
-                    safety_per_class=150,
+                    sweep_windows=2, sweep_window=512, head_steps=30, head_batch=4,
+                    head_seq_len=128, head_tasks="perplexity", head_fractions=(0.5,),
+                    safety_per_class=100,
                     detox=DetoxSettings(sources=("rtp_prompts",), wheres=("last_fifth",),
-                                        hows=(("clamp", (0.0, 0.25)),), n_validation=40,
-                                        sweep_k=2, k=4, n_test_toxic=50, n_test_nontoxic=20,
+                                        hows=(("clamp", (0.0, 0.25)),), n_validation=30,
+                                        sweep_k=2, k=4, n_test_toxic=45, n_test_nontoxic=15,
                                         test_windows=2, test_mmlu=57)),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
                   safety_model="tiny-gpt2", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2,
@@ -64,6 +68,22 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                                       sources=("rtp_prompts",), max_perplexity_ratio=100.0,
                                       max_fluency_ratio=100.0, test_window=64,
                                       test_windows=1, test_mmlu=4, max_new_tokens=8)),
+    # the report's architectures at true size with random weights, a few items per stage, at
+    # the report's dtype: every stage of `report` rehearsed offline (numbers are meaningless)
+    "rehearsal": dict(compress_model="shape:qwen3-0.6b",
+                      head_models=["shape:tinyllama-1.1b", "shape:qwen3-0.6b"],
+                      safety_model="shape:gpt2-large", dtype="bfloat16", mmlu=4, gsm8k=1,
+                      gsm8k_tokens=8, windows=1, window=256, layer_tasks="mmlu,perplexity",
+                      weight_tasks="mmlu,perplexity", sweep_mmlu=2, sweep_windows=1,
+                      sweep_window=128, head_steps=3, head_batch=2, head_seq_len=64,
+                      head_tasks="mmlu,perplexity", safety_per_class=12,
+                      detox=DetoxSettings(k=2, n_train=16, n_validation=2, n_test_toxic=2,
+                                          n_test_nontoxic=1, sweep_k=2, batch_size=4,
+                                          wheres=("middle",), sweep_window=64, sweep_windows=1,
+                                          hows=(("clamp", (0.0,)),), sources=("rtp_prompts",),
+                                          max_perplexity_ratio=100.0, max_fluency_ratio=100.0,
+                                          test_window=64, test_windows=1, test_mmlu=2,
+                                          max_new_tokens=6)),
     "report": dict(compress_model="Qwen/Qwen3-0.6B",
                    head_models=["TinyLlama/TinyLlama_v1.1", "Qwen/Qwen3-0.6B"],
                    safety_model="gpt2-large", mmlu=451, gsm8k=131, gsm8k_tokens=256,
@@ -373,6 +393,33 @@ def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
     return [probes, detox]
 
 
+def data_checks(data_dir) -> dict:
+    """Every data set the stages read, as loaders the preflight tries."""
+    return {"MMLU test": lambda: load_mmlu("test", data_dir),
+            "GSM8K train + test": lambda: load_gsm8k("train", data_dir) + load_gsm8k("test",
+                                                                                data_dir),
+            "WikiText-2 test + validation": lambda: load_wikitext2("test", data_dir)
+            + load_wikitext2("validation", data_dir),
+            "ToxiGen": lambda: load_toxigen(data_dir),
+            "CrowS-Pairs": lambda: load_crows_pairs(data_dir),
+            "RealToxicityPrompts": lambda: load_rtp(data_dir)}
+
+
+def plan(p: dict) -> list[str]:
+    """What the preset will run, one line per stage."""
+    d: DetoxSettings = p["detox"]
+    return [f"baseline   {p['compress_model']}: MMLU {p['mmlu']}, GSM8K {p['gsm8k']}, WikiText-2 "
+            f"{p['windows'] or 'all'} x {p['window']} tokens",
+            f"layers     {p['compress_model']}: every layer removed in turn ({p['layer_tasks']})",
+            f"weights    {p['compress_model']}: magnitude and Wanda at {len(REPORT_SPARSITIES)} "
+            f"sparsities ({p['weight_tasks']})",
+            f"heads      {', '.join(p['head_models'])}: routers x {p['head_steps']} steps, "
+            f"routed vs removed ({p['head_tasks']})",
+            f"attention  {p['compress_model']}: attention patterns",
+            f"safety     {p['safety_model']}: probes ({p['safety_per_class'] or 'all'} per "
+            f"class), detox sweep on {d.n_validation or 'all'} RTP prompts, test k = {d.k}"]
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -386,6 +433,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     parser.add_argument("--device", default=None,
                         help="cpu (default), cuda, cuda:1, or auto (spread over all GPUs)")
+    parser.add_argument("--skip-preflight", action="store_true",
+                        help="start without checking that models, data and memory are there")
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or None  # "" means the hub
     p = dict(PRESETS[args.preset])
@@ -394,14 +443,23 @@ def main(argv=None) -> Path:
     out = Path(args.out)
     figures = Path(args.figures or ("figures" if args.preset == "default"
                                     else f"figures/{args.preset}"))
+    dtype = args.dtype or p.pop("dtype", None)
+    if not args.skip_preflight:
+        check = preflight([p["compress_model"], *p["head_models"], p["safety_model"]],
+                          data_checks(args.data_dir), dtype, args.device, plan(p))
+        print(check.render())
+        check.raise_if_missing()
     start = time.perf_counter()
-    models = Models(args.dtype, args.device)
-    sections, timings = [], {}
+    models = Models(dtype, args.device)
+    sections, timings, memory = [], {}, {}
     for stage in (baseline, layers, weights, heads, attention, safety):
         tic = time.perf_counter()
         kw = {} if stage is baseline else {"figures": figures}
-        sections += stage(models, p, args.data_dir, out, **kw)
+        with PeakMemory() as peak:
+            sections += stage(models, p, args.data_dir, out, **kw)
         timings[stage.__name__] = round(time.perf_counter() - tic, 1)
+        memory[stage.__name__] = peak.to_dict()
+        print(f"[{stage.__name__}] {timings[stage.__name__]:.0f} s, {peak.summary()}")
     wall = time.perf_counter() - start
     # a resumed run is quick: keep each stage's longest run, the time its computing took
     record = out / f"stage_seconds_{args.preset}.json"
@@ -414,18 +472,23 @@ def main(argv=None) -> Path:
                   "results": str(out.resolve())}
     path = write_report(
         figures / "report.html", sections, title="From Layers to Latents: the report, reproduced",
-        settings={"preset": args.preset, "dtype": args.dtype or "float32",
+        settings={"preset": args.preset, "dtype": dtype or "float32",
                   "device": args.device or "cpu", **p, "stage seconds (this run)": timings,
+                  "stage peak memory (this run)": memory,
                   "stage seconds (longest run of each)": longest},
         provenance=provenance, run_time_s=sum(longest.values()),
         notes=f"Every number below was computed by this run or an earlier, interrupted run "
               f"with the same settings (finished results are reused from the results folder). "
               f"The run time is the sum over stages of each stage's longest run; this run took "
               f"{wall:.0f} s.")
+    (out / f"stage_memory_{args.preset}.json").write_text(json.dumps(memory))
     print(f"\nstage seconds: {timings}\nwall time: {wall:.1f} s\nwrote {path} "
           f"({path.stat().st_size / 1e6:.1f} MB)")
     return path
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PreflightError as error:
+        raise SystemExit(str(error)) from None

