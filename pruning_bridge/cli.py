@@ -1,4 +1,4 @@
-"""Command line: ``pruning-bridge {eval,layers,weights,heads} --model SPEC ...``.
+"""Command line: ``pruning-bridge {eval,layers,weights,heads,lm-eval} --model SPEC ...``.
 
 (``python -m pruning_bridge`` is the same.)
 One ``_add_<command>`` per subcommand builds its options (shared ones from
@@ -8,6 +8,7 @@ One ``_add_<command>`` per subcommand builds its options (shared ones from
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Sequence
@@ -166,6 +167,85 @@ def _run_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- lm-eval
+
+
+def _limit(text: str) -> int | float:
+    """lm-eval's ``--limit``: a number of items per task, or a fraction below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of items (e.g. 100) or a fraction "
+                                         f"(e.g. 0.1), got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--limit must be positive, got {text!r}")
+    return int(value) if value >= 1 else value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as "
+                                         f"'{{\"mmlu_limit\": 57}}', got {text!r} ({error.msg})"
+                                         ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _add_lm_eval(sub) -> None:
+    p = sub.add_parser(
+        "lm-eval", help="evaluate a model (pruned, under an edit, with skipped layers) with "
+                        "lm-evaluation-harness (pip install 'layers-to-latents[lm-eval]')")
+    add_model_options(p)
+    p.add_argument("--tasks", type=names, required=True,
+                   help="comma list of lm-eval tasks: the toolkit's pb_mmlu, pb_gsm8k, "
+                        "pb_wikitext (local data, see --data-dir) or any lm-eval task "
+                        "(arc_easy, hellaswag, ...)")
+    p.add_argument("--edit", default=None,
+                   help="a saved lens_safety edit (the folder Edit.save wrote) to apply")
+    p.add_argument("--skip-layers", type=ints, default=None,
+                   help="comma list of layers to skip (each passes its input through)")
+    p.add_argument("--limit", type=_limit, default=None,
+                   help="items per task (or a fraction below 1); default all")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="lm-eval's few-shot count (the pb_* tasks take theirs from --metadata)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="context in tokens for truncation and rolling windows "
+                        "(default the model's)")
+    p.add_argument("--data-dir", default=None,
+                   help="local data for the pb_* tasks, laid out like the originals "
+                        "(e.g. ../shared/data)")
+    p.add_argument("--metadata", type=_json_object, default=None,
+                   help="JSON for the tasks, e.g. '{\"mmlu_limit\": 57, \"mmlu_shots\": 5}'")
+    p.add_argument("--log-samples", action="store_true",
+                   help="keep every request and answer in the JSON")
+    p.add_argument("--out", default=None, help="write lm-eval's results as JSON here")
+    p.set_defaults(run=_run_lm_eval)
+
+
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    # imported here: lm-eval is an optional extra (missing -> one line, exit 2)
+    from .evals.lm_eval_adapter import (PruningBridgeLM, evaluate_with_lm_eval, results_table,
+                                        write_results)
+
+    model, tokenizer = load_model_from_args(args)
+    lm = PruningBridgeLM(model, tokenizer, edit=args.edit, skip_layers=args.skip_layers,
+                         batch_size=args.batch_size, max_length=args.max_length)
+    start = time.perf_counter()
+    results = evaluate_with_lm_eval(lm, tasks=args.tasks, limit=args.limit,
+                                    num_fewshot=args.num_fewshot, data_dir=args.data_dir,
+                                    metadata=args.metadata, log_samples=args.log_samples)
+    results.setdefault("config", {}).update(model_spec=args.model,
+                                            seconds=round(time.perf_counter() - start, 2))
+    print(results_table(results))
+    if args.out:
+        print(f"wrote {write_results(results, args.out)}")
+    return 0
+
+
 # ---------------------------------------------------------------- the parser
 
 
@@ -178,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layers(sub)
     _add_weights(sub)
     _add_heads(sub)
+    _add_lm_eval(sub)
     return parser
 
 

@@ -119,7 +119,7 @@ def test_one_pattern_for_both_command_lines():
     for parser in (bridge_parser(), safety_parser()):
         sub = next(a for a in parser._actions if a.dest == "command")
         for name, command in sub.choices.items():
-            assert command.get_default("run").__name__ == f"_run_{name}"
+            assert command.get_default("run").__name__ == f"_run_{name.replace('-', '_')}"
     assert limits("57") == 57 and limits("mmlu=57,perplexity=4") == {"mmlu": 57,
                                                                       "perplexity": 4}
 

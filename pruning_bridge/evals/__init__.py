@@ -16,3 +16,14 @@ __all__ = [
     "load_gsm8k", "load_mmlu", "load_wikitext2", "mmlu_accuracy", "mmlu_prompt", "mmlu_subset",
     "parse_tasks", "perplexity",
 ]
+
+# lm-evaluation-harness is an optional extra: its adapter is imported only when asked for.
+LM_EVAL_NAMES = ("PruningBridgeLM", "evaluate_with_lm_eval")
+
+
+def __getattr__(name: str):
+    if name in LM_EVAL_NAMES:
+        from . import lm_eval_adapter
+
+        return getattr(lm_eval_adapter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
