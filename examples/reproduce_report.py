@@ -42,7 +42,8 @@ from pruning_bridge.models import load_model
 from pruning_bridge.preflight import PreflightError, preflight
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
 from pruning_bridge.pruning.layers import block_influence
-from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, weight_sweep
+from pruning_bridge.pruning.weight_sweep import (REPORT_SPARSITIES, calibration_texts,
+                                                 weight_sweep)
 
 SMOL = "smollm2-135m"
 PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
@@ -398,8 +399,8 @@ def data_checks(data_dir) -> dict:
     return {"MMLU test": lambda: load_mmlu("test", data_dir),
             "GSM8K train + test": lambda: load_gsm8k("train", data_dir) + load_gsm8k("test",
                                                                                 data_dir),
-            "WikiText-2 test + validation": lambda: load_wikitext2("test", data_dir)
-            + load_wikitext2("validation", data_dir),
+            "WikiText-2 test": lambda: load_wikitext2("test", data_dir),
+            "WikiText-2 validation (Wanda calibration)": lambda: calibration_texts(data_dir),
             "ToxiGen": lambda: load_toxigen(data_dir),
             "CrowS-Pairs": lambda: load_crows_pairs(data_dir),
             "RealToxicityPrompts": lambda: load_rtp(data_dir)}

@@ -98,8 +98,10 @@ def test_the_report_preset_stops_before_any_work_when_offline(tmp_path, data_dir
     message = str(caught.value)
     for model in ("Qwen/Qwen3-0.6B", "TinyLlama/TinyLlama_v1.1", "gpt2-large"):
         assert f"[MISSING] model {model}" in message
-    for data in ("MMLU test", "GSM8K train + test", "ToxiGen", "RealToxicityPrompts"):
+    for data in ("MMLU test", "GSM8K train + test", "ToxiGen", "RealToxicityPrompts",
+                 "WikiText-2 test", "WikiText-2 validation (Wanda calibration)"):
         assert f"[ok] data {data}" in message
+    assert message.count("[MISSING]") == 3  # only the hub models: every data set is there
     assert "baseline   Qwen/Qwen3-0.6B: MMLU 451" in message  # what would have run
     assert not out.exists()  # nothing was started
 
