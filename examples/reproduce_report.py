@@ -48,15 +48,15 @@ from pruning_bridge.pruning.weight_sweep import (REPORT_SPARSITIES, calibration_
 SMOL = "smollm2-135m"
 PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
     "default": dict(compress_model=SMOL, head_models=[SMOL], safety_model=SMOL,
-                    mmlu=114, gsm8k=4, gsm8k_tokens=192, windows=8, window=1024,
+                    mmlu=114, gsm8k=4, gsm8k_tokens=192, windows=4, window=1024,
                     layer_tasks="perplexity", weight_tasks="perplexity", sweep_mmlu=57,
                     sweep_windows=2, sweep_window=512, head_steps=30, head_batch=4,
                     head_seq_len=128, head_tasks="perplexity", head_fractions=(0.5,),
                     safety_per_class=100,
                     detox=DetoxSettings(sources=("rtp_prompts",), wheres=("last_fifth",),
                                         hows=(("clamp", (0.0, 0.25)),), n_validation=30,
-                                        sweep_k=2, k=4, n_test_toxic=45, n_test_nontoxic=15,
-                                        test_windows=2, test_mmlu=57)),
+                                        sweep_k=2, k=3, n_test_toxic=45, n_test_nontoxic=15,
+                                        test_windows=2, test_mmlu=40)),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
                   safety_model="tiny-gpt2", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2,
                   window=128, layer_tasks="mmlu,perplexity", weight_tasks="mmlu,perplexity",
