@@ -444,7 +444,8 @@ def main(argv=None) -> Path:
     out = Path(args.out)
     figures = Path(args.figures or ("figures" if args.preset == "default"
                                     else f"figures/{args.preset}"))
-    dtype = args.dtype or p.pop("dtype", None)
+    preset_dtype = p.pop("dtype", None)  # --dtype wins over the preset's
+    dtype = args.dtype or preset_dtype
     if not args.skip_preflight:
         check = preflight([p["compress_model"], *p["head_models"], p["safety_model"]],
                           data_checks(args.data_dir), dtype, args.device, plan(p))
