@@ -8,7 +8,9 @@ and peak memory of each check). One true-size model is held at a time.
 References: HF's own hidden states and forward, a deep copy with layers deleted by hand, heads
 zeroed at ``o_proj``'s input by a plain PyTorch hook, TransformerLens. Exactness checks that need
 float32 (removing heads reorders the sums) run at the true widths and head layouts with 4 layers;
-everything else runs at full depth in the report's dtype (bf16 for Qwen3 / TinyLlama).
+everything else runs at full depth in the report's dtype (bf16 for Qwen3 / TinyLlama), except
+training on a CPU: bf16 backward passes are ~50x slower there, so full-depth router training runs
+in float32 on a CPU and bf16 training is checked at two layers.
 """
 
 import copy
@@ -187,12 +189,32 @@ def test_qwen3_magnitude_and_wanda_prune_and_restore_exactly():
 # ---------------------------------------------------------------- heads (TinyLlama, Qwen3)
 
 
+def training_dtype(name: str) -> torch.dtype:
+    """The report's dtype on a GPU; float32 on a CPU, where bf16 backward passes are ~50x
+    slower (one full-depth bf16 router step would take ~20 min; bf16 training is checked at
+    two layers below)."""
+    return DTYPES[name] if torch.cuda.is_available() else torch.float32
+
+
+@pytest.mark.parametrize("name", ["tinyllama-1.1b", "qwen3-0.6b"])
+def test_router_training_in_bf16_at_the_true_widths(name):
+    """bf16 through the router's backward pass: true widths and head layout, 2 layers."""
+    model, tok = model_of(f"shape:{name}?num_hidden_layers=2", torch.bfloat16)
+    windows = training_windows(tok, [TEXT] * 2, 16)
+    with measured(f"{name} router training in bf16, 1 step x 1 x 16 tokens, 2 layers"):
+        router, log = train_router(model, tok, windows, steps=1, batch_size=1, seq_len=16,
+                                   progress=False)
+    assert math.isfinite(log.steps[0]["lm_loss"])
+    assert all(torch.isfinite(p).all() for p in router.parameters())
+
+
 @pytest.mark.parametrize("name", ["tinyllama-1.1b", "qwen3-0.6b"])
 def test_router_training_and_head_importance_at_true_size(name):
-    model, tok = model_of(f"shape:{name}", DTYPES[name])
+    model, tok = model_of(f"shape:{name}", training_dtype(name))
     before = state_hash(model)
     windows = training_windows(tok, [TEXT] * 4, 64)
-    with measured(f"{name} router training, 3 steps x 2 x 64 tokens"):
+    with measured(f"{name} router training ({training_dtype(name)}), 3 steps x 2 x 64 "
+                  f"tokens"):
         router, log = train_router(model, tok, windows, steps=3, batch_size=2, seq_len=64,
                                    progress=False)
     losses = [step["lm_loss"] for step in log.steps]
