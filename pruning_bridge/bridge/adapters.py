@@ -131,16 +131,16 @@ class Adapter:
     parallel: bool  # attention and MLP read the same input: no hook_resid_mid
 
 
-def norm_parts(norm: torch.nn.Module, x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+def norm_parts(x: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor]:
     """A norm's input as TransformerLens splits it: ``(centred, scale)``, both fp32.
 
-    LayerNorm: ``x - mean`` and ``sqrt(var + eps)``; RMSNorm: ``x`` and ``sqrt(mean(x^2) + eps)``.
-    ``centred / scale`` is ``hook_normalized``; ``scale`` (``[..., 1]``) is ``hook_scale``.
+    LayerNorm (``kind="layer"``): ``x - mean`` and ``sqrt(var + eps)``; RMSNorm: ``x`` and
+    ``sqrt(mean(x^2) + eps)``. ``centred / scale`` is ``hook_normalized``; ``scale``
+    (``[..., 1]``) is ``hook_scale``.
     """
     h = x.to(torch.float32)
     if kind == "layer":
         h = h - h.mean(-1, keepdim=True)
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     return h, (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 

@@ -14,7 +14,6 @@ edit in place and return None). The wrapped model's weights are never changed.
 from __future__ import annotations
 
 import difflib
-import re
 import warnings
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
@@ -26,8 +25,9 @@ from torch import Tensor
 
 from ..common.errors import UsageError
 from ..common.tokens import position_ids as mask_position_ids
-from .adapters import Adapter, adapter_for, denormalize, norm_parts
+from .adapters import Adapter, adapter_for
 from .attention import PATTERN_NAMES, ROTARY_NAMES, exposed
+from .traced import interleave, layer_of, make_plan, make_visitor
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Names = Iterable[str] | Callable[[str], bool] | None
@@ -51,11 +51,6 @@ class ActivationCache(dict):
         close = difflib.get_close_matches(name, list(self), n=5, cutoff=0.5)
         raise UnknownHookError(f"{name!r} is not in this cache (cached: {len(self)} names"
                                + (f"; closest: {', '.join(close)}" if close else "") + ").")
-
-
-def _layer_of(name: str) -> int | None:
-    match = re.match(r"blocks\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
 
 
 class HookBridge:
@@ -84,6 +79,7 @@ class HookBridge:
             + [f"blocks.{layer}.{name}" for layer in range(n) for name in per_layer]
             + ["ln_final.hook_scale", "ln_final.hook_normalized"])
         self._order = {name: i for i, name in enumerate(self.hook_names)}
+        self._plan = make_plan(self.adapter, model)  # the hook points as plain data (traced.py)
 
     # ---------------------------------------------------------------- the model-like surface
     def parameters(self):
@@ -146,106 +142,9 @@ class HookBridge:
         return ids.to(device), attention_mask.to(device)
 
     # ---------------------------------------------------------------- the interleaved work
-    def _envoy(self, path: str):
-        envoy = self.lm
-        for part in path.split("."):
-            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-        return envoy
-
-    def _visitor(self, hooks: dict[str, list[HookFn]], cached: set[str],
-                 cache: dict[str, Tensor]) -> Callable:
-        """The function that runs a hook point's hooks and caches it (see ``visit``)."""
-
-        def visit(name: str, value: Tensor, computed: bool = False) -> Tensor | None:
-            """Run the hooks of ``name``; the edited value, or None if nothing changed it.
-
-            A hook returns a replacement or edits in place. The model's own tensors carry an
-            in-place edit by themselves; a ``computed`` value (resid_mid, a norm's parts) is
-            compared with a copy, so that an in-place edit of it is written back too.
-            """
-            edited = None
-            for fn in hooks.get(name, ()):
-                before = value.detach().clone() if computed else None
-                out = fn(value, name)
-                if out is not None:  # keep the model's dtype (an fp32 edit on a bf16 model)
-                    value = edited = out.to(value.dtype)
-                elif computed and not torch.equal(value, before):
-                    edited = value
-            if name in cached:
-                cache[name] = value.detach().clone()
-            return edited
-
-        return visit
-
     def _needs_attention(self, wanted: set[str]) -> bool:
         """Whether a trace touches scores, patterns or rotated q/k (then hooked_attention runs)."""
         return any(name.split(".", 2)[-1] in self._attention_names for name in wanted)
-
-    def _interleave(self, wanted: set[str], visit) -> None:
-        """Inside a trace: visit the needed points in execution order, cache and edit them."""
-        for name, path in (("hook_embed", self.adapter.arch.embed),
-                           ("hook_pos_embed", self.adapter.arch.pos_embed)):
-            if name in wanted:
-                envoy = self._envoy(path)
-                new = visit(name, envoy.output)
-                if new is not None:
-                    envoy.output = new.to(envoy.output.dtype)
-        layers = sorted({layer for n in wanted if (layer := _layer_of(n)) is not None})
-        for layer in layers:
-            self._interleave_layer(layer, wanted, visit)
-        if {"ln_final.hook_scale", "ln_final.hook_normalized"} & wanted:
-            self._visit_norm(self.adapter.arch.final_norm, "ln_final.", visit)
-
-    def _visit_norm(self, path: str, prefix: str, visit) -> None:
-        """A norm as TransformerLens sees it: ``hook_scale``, then ``hook_normalized`` (computed
-        from the possibly edited scale), then the learned scale and bias; the output is replaced
-        only when a hook changed something."""
-        envoy = self._envoy(path)
-        module = self.model.get_submodule(path)
-        x = envoy.input
-        centred, scale = norm_parts(module, x, self.adapter.arch.norm)
-        new_scale = visit(prefix + "hook_scale", scale, True)
-        if new_scale is not None:
-            scale = new_scale
-        normalized = (centred / scale).to(x.dtype)
-        new = visit(prefix + "hook_normalized", normalized, True)
-        if new_scale is not None or new is not None:
-            envoy.output = denormalize(module, normalized if new is None else new,
-                                       envoy.output.dtype)
-
-    def _interleave_layer(self, layer: int, wanted: set[str], visit) -> None:
-        prefix = f"blocks.{layer}."
-        points = self.adapter.layer_points
-        active = [any(prefix + n in wanted for n in p.names) for p in points]
-        needed_keys = {k for p, a in zip(points, active) if a for k in p.needs}
-        layer_path = f"{self.adapter.arch.blocks}.{layer}"
-        ctx: dict[str, Tensor] = {}
-        for point, is_active in zip(points, active):
-            if not is_active and point.key not in needed_keys:
-                continue
-            path = layer_path + ("." + point.module if point.module else "")
-            if point.io == "norm":
-                self._visit_norm(path, prefix + point.names[0].split(".")[0] + ".", visit)
-                continue
-            envoy = self._envoy(path)
-            raw = envoy.input if point.io == "input" else envoy.output
-            if point.key:
-                ctx[point.key] = raw[0] if isinstance(raw, tuple) else raw
-            if not is_active:
-                continue
-            edited = {}
-            for short, value in point.split(raw, ctx).items():
-                new = visit(prefix + short, value, point.computed)
-                if new is not None:
-                    edited[short] = new
-            if edited:
-                raw = point.merge(raw, edited, ctx)
-                if point.io == "input":
-                    envoy.input = raw
-                else:
-                    envoy.output = raw
-                if point.key:
-                    ctx[point.key] = raw[0] if isinstance(raw, tuple) else raw
 
     def _group(self, hooks: Sequence[tuple[str, HookFn]]) -> dict[str, list[HookFn]]:
         grouped: dict[str, list[HookFn]] = {}
@@ -291,18 +190,19 @@ class HookBridge:
             return self.model(input_ids=ids, **model_kwargs).logits, ActivationCache({},
                                                                                     attention_mask)
         cache: dict[str, Tensor] = {}
-        visit, wanted = self._visitor(hooks, cached, cache), set(hooks) | cached
+        visit, wanted = make_visitor(hooks, cached, cache), set(hooks) | cached
+        lm, plan = self.lm, self._plan
         with self._input(attention_mask), self._attention(wanted, visit), \
-                self.lm.trace(ids, **model_kwargs):
-            self._interleave(wanted, visit)
-            logits = self.lm.output.logits.save()
+                lm.trace(ids, **model_kwargs):
+            interleave(lm, plan, wanted, visit)
+            logits = lm.output.logits.save()
         return logits, ActivationCache(cache, attention_mask)
 
     def _attention(self, wanted: set[str], visit):
         """``hooked_attention`` for this trace if it touches scores / patterns / rotated q,k."""
         if not self._needs_attention(wanted):
             return nullcontext()
-        return exposed(self.model, visit, {_layer_of(name) for name in wanted
+        return exposed(self.model, visit, {layer_of(name) for name in wanted
                                            if name.split(".", 2)[-1] in self._attention_names})
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
@@ -359,7 +259,8 @@ class HookBridge:
         return out
 
     def _generate_hooked(self, ids, attention_mask, max_new_tokens, hooks, kwargs) -> Tensor:
-        visit, wanted = self._visitor(hooks, set(), {}), set(hooks)
+        visit, wanted = make_visitor(hooks, set(), {}), set(hooks)
+        lm, plan = self.lm, self._plan
         if all(name.split(".", 2)[-1] in self._attention_names for name in wanted):
             # only attention internals: hooked_attention does everything (an nnsight
             # generation whose steps touch no module would never advance)
@@ -368,10 +269,10 @@ class HookBridge:
                                            max_new_tokens=max_new_tokens, **kwargs)
         with warnings.catch_warnings(), self._attention(wanted, visit):
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with self.lm.generate(max_new_tokens=max_new_tokens, **kwargs) as tracer:
+            with lm.generate(max_new_tokens=max_new_tokens, **kwargs) as tracer:
                 with tracer.invoke(ids, attention_mask=attention_mask):
                     for _ in tracer.all():
-                        self._interleave(wanted, visit)
+                        interleave(lm, plan, wanted, visit)
                 with tracer.invoke():
                     result = tracer.result.save()
         return result
