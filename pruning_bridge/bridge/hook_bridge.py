@@ -14,6 +14,7 @@ edit in place and return None). The wrapped model's weights are never changed.
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
@@ -27,6 +28,7 @@ from ..common.errors import UsageError
 from ..common.tokens import position_ids as mask_position_ids
 from .adapters import Adapter, adapter_for
 from .attention import PATTERN_NAMES, ROTARY_NAMES, exposed
+from .remote import CountingRemoteBackend, SimulatedServer, Traffic, check_sendable
 from .traced import interleave, layer_of, make_plan, make_visitor
 
 HookFn = Callable[[Tensor, str], Tensor | None]
@@ -56,7 +58,7 @@ class ActivationCache(dict):
 class HookBridge:
     """TransformerLens hook names, caching and hooks on an HF model (Llama, Qwen2, Qwen3, GPT-2)."""
 
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, *, lm: LanguageModel | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.adapter: Adapter = adapter_for(model)
@@ -64,7 +66,13 @@ class HookBridge:
         # nnsight sets the tokenizer's pad token and padding side: give it a copy.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.lm = LanguageModel(model, tokenizer=deepcopy(tokenizer) if tokenizer else None)
+            self.lm = lm or LanguageModel(model, tokenizer=deepcopy(tokenizer) if tokenizer
+                                          else None)
+        # where traces run: None here, "simulate" (the server's round trip, in this process),
+        # or an NDIF host (True: nnsight's configured one); see HookBridge.remote
+        self.remote: str | bool | None = None
+        self.api_key: str | None = None
+        self.traffic = Traffic()  # requests and bytes sent to a server
         self._hooks: list[tuple[str, HookFn]] = []
         # the attention mask of the running call's input (1 = real token), for hooks that need
         # positions, e.g. to leave the first real token of each row alone; None between calls
@@ -81,13 +89,69 @@ class HookBridge:
         self._order = {name: i for i, name in enumerate(self.hook_names)}
         self._plan = make_plan(self.adapter, model)  # the hook points as plain data (traced.py)
 
+    @classmethod
+    def remote(cls, model: str | os.PathLike | torch.nn.Module, host: str | None = None,
+               api_key: str | None = None, tokenizer=None, simulate: bool = False
+               ) -> "HookBridge":
+        """A bridge whose every trace runs on an NDIF server, next to the model's weights.
+
+        ``model`` is a hub id or checkpoint folder that the server has deployed; only its
+        config is read here (the weights stay on the server, the local model is on the meta
+        device). ``host`` defaults to nnsight's configured one (the public NDIF service);
+        ``api_key`` to nnsight's configured key. ``simulate=True`` with a loaded model runs the
+        server's round trip in this process instead (serialise, unpickle with the server's
+        whitelist, run): a dry run that proves every trace and hook can be sent.
+        Caching, hooks, ``__call__`` and ``generate`` work as locally and return only the
+        requested values; ``bridge.traffic`` counts requests and bytes.
+        """
+        if simulate:
+            if not isinstance(model, torch.nn.Module):
+                raise UsageError("HookBridge.remote(..., simulate=True) runs the model here: "
+                                 "pass the loaded model, not a name.")
+            bridge = cls(model, tokenizer)
+            bridge.remote = "simulate"
+            return bridge
+        if isinstance(model, torch.nn.Module):
+            raise UsageError("HookBridge.remote takes the model's hub id or the checkpoint path "
+                             "the server deployed, not a loaded model (use simulate=True to "
+                             "dry-run a loaded one).")
+        name = str(model)
+        if os.path.isdir(name):  # a local checkpoint: its key is its path (no hub look-up)
+            from nnsight.modeling.huggingface import _ID_CACHE
+            _ID_CACHE.setdefault(name, name)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm = LanguageModel(name, tokenizer=deepcopy(tokenizer), dispatch=False)
+        bridge = cls(lm._module, tokenizer, lm=lm)
+        bridge.remote, bridge.api_key = host or True, api_key
+        return bridge
+
+    def _run_options(self) -> dict:
+        """The nnsight backend of the next trace: here, the simulated server or NDIF."""
+        if self.remote is None:
+            return {}
+        if self.remote == "simulate":
+            return {"backend": SimulatedServer(self.lm, self.traffic)}
+        return {"backend": CountingRemoteBackend(
+            self.traffic, self.lm.to_model_key(),
+            host=self.remote if isinstance(self.remote, str) else None, api_key=self.api_key)}
+
+    def _local_only(self, what: str) -> None:
+        if self.remote is not None:
+            raise UsageError(f"{what} needs the model's weights here; this bridge runs on an NDIF "
+                             f"server ({self.remote}). Run it on a local bridge.")
+
     # ---------------------------------------------------------------- the model-like surface
     def parameters(self):
         return self.model.parameters()
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        device = next(self.model.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device  # remote: inputs here
 
     def __repr__(self) -> str:
         return (f"HookBridge({self.adapter.arch.family}, {self.adapter.n_layers} layers, "
@@ -186,15 +250,16 @@ class HookBridge:
         model_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         if logits_to_keep:
             model_kwargs["logits_to_keep"] = logits_to_keep
-        if not hooks and not cached:  # nothing to intercept: the plain model, no overhead
+        if not hooks and not cached and self.remote is None:  # the plain model, no overhead
             return self.model(input_ids=ids, **model_kwargs).logits, ActivationCache({},
                                                                                     attention_mask)
         cache: dict[str, Tensor] = {}
         visit, wanted = make_visitor(hooks, cached, cache), set(hooks) | cached
         lm, plan = self.lm, self._plan
         with self._input(attention_mask), self._attention(wanted, visit), \
-                lm.trace(ids, **model_kwargs):
+                lm.trace(ids, **self._run_options(), **model_kwargs):
             interleave(lm, plan, wanted, visit)
+            cache = cache.save()  # remote: the server's copy comes back
             logits = lm.output.logits.save()
         return logits, ActivationCache(cache, attention_mask)
 
@@ -202,6 +267,11 @@ class HookBridge:
         """``hooked_attention`` for this trace if it touches scores / patterns / rotated q,k."""
         if not self._needs_attention(wanted):
             return nullcontext()
+        if self.remote is not None:
+            raise UsageError(
+                "Attention scores, patterns and rotated q/k come from an attention function the "
+                "bridge installs in the local model; a remote bridge cannot install it on the "
+                "server. Cache attn.hook_q and attn.hook_k instead and compute the pattern here.")
         return exposed(self.model, visit, {layer_of(name) for name in wanted
                                            if name.split(".", 2)[-1] in self._attention_names})
 
@@ -223,6 +293,9 @@ class HookBridge:
         """Apply ``[(name, fn), ...]`` to every forward and generation inside the block."""
         hooks = list(hooks)
         self.resolve([name for name, _ in hooks])
+        if self.remote is not None:  # fail here, before any request, naming the function
+            for name, fn in hooks:
+                check_sendable(fn, f"hook on {name}")
         start = len(self._hooks)
         self._hooks.extend(hooks)
         try:
@@ -248,7 +321,9 @@ class HookBridge:
         if self.tokenizer is not None:
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         hooks = self._group(self._hooks)
-        if not hooks:
+        if self.remote is not None:
+            out = self._generate_remote(ids, attention_mask, max_new_tokens, hooks, kwargs)
+        elif not hooks:
             out = self.model.generate(input_ids=ids, attention_mask=attention_mask,
                                       max_new_tokens=max_new_tokens, **kwargs)
         else:
@@ -257,6 +332,21 @@ class HookBridge:
         if return_text or (return_text is None and text_in):
             return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         return out
+
+    def _generate_remote(self, ids, attention_mask, max_new_tokens, hooks, kwargs) -> Tensor:
+        """One request: the whole generation runs on the server, hooks at every step."""
+        visit, wanted = make_visitor(hooks, set(), {}), set(hooks)
+        lm, plan = self.lm, self._plan
+        with self._input(attention_mask), self._attention(wanted, visit), \
+                lm.generate(max_new_tokens=max_new_tokens, **self._run_options(),
+                            **kwargs) as tracer:
+            with tracer.invoke(ids, attention_mask=attention_mask):
+                if wanted:
+                    for _ in tracer.all():
+                        interleave(lm, plan, wanted, visit)
+            with tracer.invoke():
+                result = tracer.result.save()
+        return result
 
     def _generate_hooked(self, ids, attention_mask, max_new_tokens, hooks, kwargs) -> Tensor:
         visit, wanted = make_visitor(hooks, set(), {}), set(hooks)
