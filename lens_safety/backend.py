@@ -21,6 +21,8 @@ from pruning_bridge.bridge import HookBridge, architecture_of, model_dims
 from pruning_bridge.bridge import residual_writers as hf_residual_writers
 from pruning_bridge.common import model_device
 
+from .edit_math import keep_first_tokens
+
 EditFn = Callable[[Tensor], Tensor]
 
 
@@ -94,6 +96,13 @@ def first_tokens(model, x: Tensor) -> Tensor | None:
 
 
 def _keeping_first(model, edit: EditFn) -> EditFn:
+    if is_bridge(model):  # reads the running call's mask from the bridge's box (sendable)
+        box = model.input_box
+
+        def keep_first_in_call(x: Tensor) -> Tensor:
+            return keep_first_tokens(x, edit(x), box.mask)
+        return keep_first_in_call
+
     def keep_first(x: Tensor) -> Tensor:
         out = edit(x)
         first = first_tokens(model, x)

@@ -43,7 +43,8 @@ from pruning_bridge.common import UsageError, check_layers
 from .backend import dims, edited_each, residual_hooks
 from .caching import hook_name
 from .directions import class_labels, harmful_direction
-from .editing import clamp_along, orthogonalize, project_out, unit_direction
+from .edit_math import clamp_along, leace_erase, project_out, subtract_along
+from .editing import orthogonalize, unit_direction
 from .leace import LeaceEraser
 from .probes import as_array
 
@@ -160,14 +161,16 @@ class Edit:
 
     # ---------------------------------------------------------------- applying
     def _edit_fn(self, i: int):
+        # closures over tensors and edit_math only: they can be sent to an NDIF server
         if self.how == "leace":
-            return self.erasers[i]
+            mean, left, right = self.erasers[i]._applied(torch.device("cpu"))
+            return lambda x: leace_erase(x, mean, left, right)
         d = self.directions[i]
         if self.how == "project":
             return lambda x: project_out(x, d)
         if self.how == "subtract":
             alpha = self.strengths[i]
-            return lambda x: (x.float() - alpha * d.to(x.device)).to(x.dtype)
+            return lambda x: subtract_along(x, d, alpha)
         t = self.strengths[i]
         return lambda x: clamp_along(x, d, t)
 

@@ -25,9 +25,11 @@ from torch import Tensor, nn
 
 from pruning_bridge.common import check_layers
 from pruning_bridge.common import UsageError
+from pruning_bridge.common.errors import require_local_weights
 
 from .backend import dims, edited, hf_model, residual_hooks, residual_writers, tied_head
 from .caching import hook_name
+from .edit_math import clamp_along, project_out, subtract_along
 
 MODES = ("project", "subtract")
 
@@ -43,24 +45,6 @@ def unit_direction(direction, d_model: int) -> Tensor:
     if not torch.isfinite(norm) or norm == 0:
         raise UsageError("The direction is zero or not finite.")
     return d / norm
-
-
-def project_out(x: Tensor, d: Tensor, axis: int = -1) -> Tensor:
-    """``x`` minus its component along unit ``d`` on ``axis`` (computed in float32, cast back)."""
-    d = d.to(device=x.device, dtype=torch.float32)
-    x32 = x.float().movedim(axis, -1)
-    out = x32 - (x32 @ d)[..., None] * d
-    return out.movedim(-1, axis).to(x.dtype)
-
-
-def clamp_along(x: Tensor, d: Tensor, threshold: float) -> Tensor:
-    """``x - max(x.d - t, 0) d`` along unit ``d``: only the part of the projection above
-    ``threshold`` is removed; rows at or below it are returned bit for bit unchanged."""
-    d = d.to(device=x.device, dtype=torch.float32)
-    x32 = x.float()
-    excess = (x32 @ d - threshold).clamp(min=0)
-    out = (x32 - excess[..., None] * d).to(x.dtype)
-    return torch.where((excess > 0)[..., None], out, x)
 
 
 # ---------------------------------------------------------------- hook ablation
@@ -83,7 +67,7 @@ def ablate(model, direction, layers: Sequence[int] | None = None,
     def edit(x: Tensor) -> Tensor:
         if mode == "project":
             return project_out(x, d)
-        return (x.float() - alpha * d.to(x.device)).to(x.dtype)
+        return subtract_along(x, d, alpha)
 
     with edited(model, names, edit):
         yield model
@@ -105,6 +89,7 @@ def orthogonalize(model, direction) -> Iterator:
     A tied output head (GPT-2, Qwen3, SmolLM2) gets its own copy of the embedding for the block,
     so the unembedding is unchanged; every weight and the tie are restored exactly on exit.
     """
+    require_local_weights(model, "Orthogonalising weights")
     d = unit_direction(direction, dims(model)[1])
     writers = residual_writers(model)
     saved = [param.detach().clone() for param, _ in writers]
@@ -125,6 +110,7 @@ def orthogonalize(model, direction) -> Iterator:
 
 def orthogonalize_permanently(model, direction):
     """:func:`orthogonalize` for good (a tied output head is untied first); returns ``model``."""
+    require_local_weights(model, "Orthogonalising weights")
     d = unit_direction(direction, dims(model)[1])
     writers = residual_writers(model)
     head = tied_head(model)

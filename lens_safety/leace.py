@@ -35,6 +35,7 @@ from torch import Tensor
 
 from pruning_bridge.common import OutOfRangeError, UsageError
 
+from .edit_math import leace_erase
 from .probes import as_array, binary_labels, check_data
 from .prompts import LABELS
 
@@ -170,10 +171,7 @@ class LeaceEraser:
             raise UsageError(f"This eraser was fitted on width d_model={self.d_model}; got a "
                              f"tensor of shape {tuple(x.shape)}. Apply it to [..., "
                              f"{self.d_model}] activations of the same model and hook.")
-        mean, left, right = self._applied(x.device)
-        h = x.to(torch.float32)
-        out = h - ((h - mean) @ right.T) @ left.T
-        return out.to(x.dtype)
+        return leace_erase(x, *self._applied(x.device))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The fitted eraser as float64 CPU tensors (``mean``, ``proj_left``, ``proj_right``)."""

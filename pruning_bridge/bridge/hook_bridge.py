@@ -29,7 +29,7 @@ from ..common.tokens import position_ids as mask_position_ids
 from .adapters import Adapter, adapter_for
 from .attention import PATTERN_NAMES, ROTARY_NAMES, exposed
 from .remote import CountingRemoteBackend, SimulatedServer, Traffic, check_sendable
-from .traced import interleave, layer_of, make_plan, make_visitor
+from .traced import InputBox, interleave, layer_of, make_plan, make_visitor
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Names = Iterable[str] | Callable[[str], bool] | None
@@ -76,7 +76,7 @@ class HookBridge:
         self._hooks: list[tuple[str, HookFn]] = []
         # the attention mask of the running call's input (1 = real token), for hooks that need
         # positions, e.g. to leave the first real token of each row alone; None between calls
-        self.input_mask: Tensor | None = None
+        self.input_box = InputBox()
         n = self.adapter.n_layers
         per_layer = [name for point in self.adapter.layer_points for name in point.names]
         rotary = () if self.adapter.arch.pos_embed else ROTARY_NAMES  # (TransformerLens's order)
@@ -128,6 +128,11 @@ class HookBridge:
         bridge = cls(lm._module, tokenizer, lm=lm)
         bridge.remote, bridge.api_key = host or True, api_key
         return bridge
+
+    @property
+    def input_mask(self) -> Tensor | None:
+        """The running call's attention mask (1 = real token); None between calls."""
+        return self.input_box.mask
 
     def _run_options(self) -> dict:
         """The nnsight backend of the next trace: here, the simulated server or NDIF."""
@@ -235,11 +240,11 @@ class HookBridge:
     @contextmanager
     def _input(self, attention_mask: Tensor) -> Iterator[None]:
         """``self.input_mask`` is ``attention_mask`` inside the block (calls may nest)."""
-        previous, self.input_mask = self.input_mask, attention_mask
+        previous, self.input_box.mask = self.input_box.mask, attention_mask
         try:
             yield
         finally:
-            self.input_mask = previous
+            self.input_box.mask = previous
 
     def _forward(self, input_ids, attention_mask, position_ids, names, logits_to_keep, **kwargs):
         ids, attention_mask = self.to_tokens(input_ids, attention_mask)
@@ -338,8 +343,10 @@ class HookBridge:
         visit, wanted = make_visitor(hooks, set(), {}), set(hooks)
         lm, plan = self.lm, self._plan
         with self._input(attention_mask), self._attention(wanted, visit), \
+                warnings.catch_warnings(), \
                 lm.generate(max_new_tokens=max_new_tokens, **self._run_options(),
                             **kwargs) as tracer:
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
             with tracer.invoke(ids, attention_mask=attention_mask):
                 if wanted:
                     for _ in tracer.all():

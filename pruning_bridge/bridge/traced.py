@@ -34,6 +34,14 @@ def make_plan(adapter, model) -> dict:
             "final_norm": arch.final_norm, "norm": arch.norm, "eps": eps, "points": points}
 
 
+class InputBox:
+    """The running call's attention mask (1 = real token), for hooks that need positions; it
+    travels with the hooks that hold it, so it is the call's mask on a server as well."""
+
+    def __init__(self):
+        self.mask = None
+
+
 def layer_of(name: str) -> int | None:
     """The layer of ``blocks.N.…``; None for a global hook point."""
     parts = name.split(".")

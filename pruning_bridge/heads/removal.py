@@ -36,7 +36,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..bridge import HookBridge, blocks_of, head_counts, model_dims, select_heads
 from ..bridge.architectures import kv_copies
-from ..common.errors import OutOfRangeError, UsageError
+from ..common.errors import OutOfRangeError, UsageError, require_local_weights
 from ..models import load_head_pruned
 
 __all__ = ["HEAD_SELECTIONS", "LayerGrowthWarning", "head_counts", "heads_to_remove",
@@ -150,6 +150,7 @@ def remove_heads(model, heads_by_layer: Mapping[int, Sequence[int]]):
     reported by a ``LayerGrowthWarning``; ``heads_to_remove``'s balanced selection never
     causes one.
     """
+    require_local_weights(model, "Removing heads")
     counts = head_counts(model)
     plan = _check_heads(heads_by_layer, counts)  # everything is checked before any change
     blocks = blocks_of(model)

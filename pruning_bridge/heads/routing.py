@@ -17,6 +17,7 @@ average 1 and a uniform router with every head selected is the original model. G
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bridge import HookBridge, model_dims
+from ..bridge.remote import send_by_value
 from ..common.errors import UsageError
 from ..common.layers import check_layers
 
@@ -80,15 +82,28 @@ class HeadRouter(nn.Module):
 
     def forward(self, x: Tensor, top_k: int) -> Routing:
         """Gates over all heads for inputs ``x`` (``[..., d_model]``), ``top_k`` routed on."""
-        x = torch.nn.functional.normalize(x.to(self.weight.device, torch.float32), dim=-1,
-                                          eps=1e-6)  # layers may sit on other GPUs
-        probs = torch.softmax(x @ self.weight.T, dim=-1)
-        top = probs.topk(top_k, dim=-1).indices
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
-        kept = probs * mask
-        routed = top_k * kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).eps)
-        shared = torch.ones(*routed.shape[:-1], self.n_shared, device=x.device)
-        return Routing(torch.cat([shared, routed], -1), probs, mask)
+        return Routing(*route(self.weight, x, top_k, self.n_shared))
+
+
+def route(weight: Tensor, x: Tensor, top_k: int, n_shared: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(gates over all heads, routed probabilities, top-k mask)`` for inputs ``x``.
+
+    Torch only: it also runs inside remote traces (see ``RoutedHeads.hooks``).
+    """
+    x = torch.nn.functional.normalize(x.to(weight.device, torch.float32), dim=-1,
+                                      eps=1e-6)  # layers may sit on other GPUs
+    probs = torch.softmax(x @ weight.T, dim=-1)
+    top = probs.topk(top_k, dim=-1).indices
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
+    kept = probs * mask
+    routed = top_k * kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).eps)
+    shared = torch.ones(*routed.shape[:-1], n_shared, device=x.device)
+    return torch.cat([shared, routed], -1), probs, mask
+
+
+def gate_heads(z: Tensor, gates: Tensor) -> Tensor:
+    """``hook_z`` ``[..., heads, d_head]`` times each head's gate (fp32; the bridge casts back)."""
+    return z.float() * gates.to(z.device).unsqueeze(-1)
 
 
 def top_k_for(fraction: float, n_heads: int, n_shared: int) -> int:
@@ -164,16 +179,30 @@ class RoutedHeads(nn.Module):
                 self._token_count += gates.shape[0]
         return routing
 
-    def hooks(self) -> list[tuple[str, callable]]:
-        """Bridge hooks: read each routed layer's input, gate its ``hook_z`` before o_proj."""
+    def hooks(self, sendable: bool = False) -> list[tuple[str, callable]]:
+        """Bridge hooks: read each routed layer's input, gate its ``hook_z`` before o_proj.
+
+        ``sendable=True``: hooks that hold only the routers' weights and torch functions, for a
+        remote bridge (inference only: nothing is recorded here, no gradients).
+        """
         hooks = []
         for layer in self.layers:
-            def read(x, name, layer=layer):
-                self.route(layer, x)
+            if sendable:
+                weight, k, shared = self.routers[str(layer)].weight.detach(), self.top_k, \
+                    self.n_shared
+                last: dict = {}
 
-            def gate(z, name, layer=layer):
-                gates = self.last[layer].gates.to(z.device)
-                return z.float() * gates.unsqueeze(-1)  # the bridge casts back to z's dtype
+                def read(x, name, weight=weight, k=k, shared=shared, last=last):
+                    last["gates"] = route(weight, x, k, shared)[0]
+
+                def gate(z, name, last=last):
+                    return gate_heads(z, last["gates"])
+            else:
+                def read(x, name, layer=layer):
+                    self.route(layer, x)
+
+                def gate(z, name, layer=layer):
+                    return gate_heads(z, self.last[layer].gates)
 
             hooks += [(f"blocks.{layer}.hook_resid_pre", read),
                       (f"blocks.{layer}.attn.hook_z", gate)]
@@ -181,11 +210,12 @@ class RoutedHeads(nn.Module):
 
     @contextmanager
     def routing(self, bridge: HookBridge) -> Iterator[HookBridge]:
-        """Inside the block every forward and generation of ``bridge`` is routed."""
+        """Inside the block every forward and generation of ``bridge`` is routed (on a remote
+        bridge too, at inference: the routers' weights travel with each request)."""
         if not isinstance(bridge, HookBridge):
             raise TypeError("routing() needs a HookBridge: HookBridge(model, tokenizer).")
         self.to(bridge.device)
-        with bridge.hooks(self.hooks()):
+        with bridge.hooks(self.hooks(sendable=bridge.remote is not None)):
             yield bridge
 
     def balance_loss(self) -> Tensor:
@@ -249,3 +279,6 @@ class RoutedHeads(nn.Module):
         router = cls(model_or_bridge, settings["n_shared"], settings["top_k"], settings["layers"])
         router.load_state_dict(torch.load(path / "router.pt", weights_only=True))
         return router
+
+
+send_by_value(sys.modules[__name__])  # route / gate_heads run inside remote traces

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..bridge import HookBridge, architecture_of, blocks_of
-from ..common.errors import UsageError
+from ..common.errors import UsageError, require_local_weights
 from ..common.layers import check_layers
 from ..common.tokens import position_ids
 
@@ -63,6 +63,7 @@ def drop_layers(model, layers: Sequence[int]):
     Attention ``layer_idx`` values, ``config.num_hidden_layers`` and ``config.layer_types`` are
     re-indexed, so generation with a KV cache, ``save_pretrained`` and ``from_pretrained`` work.
     """
+    require_local_weights(model, "Dropping layers")
     blocks = decoder_layers(model)
     n = len(blocks)
     drop = set(check_layers(layers, n, allow_all=False))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..bridge import architecture_of
-from ..common.errors import UsageError
+from ..common.errors import UsageError, require_local_weights
 from ..evals.lm import forward_logits
 
 Patterns = str | Sequence[str] | None
@@ -48,6 +48,7 @@ def prunable_linears(model: nn.Module, include: Patterns = None,
     qualified name (``re.search``; a plain substring such as ``"mlp"`` is one): a layer is kept
     when it matches some ``include`` pattern (all layers if None) and no ``exclude`` pattern.
     """
+    require_local_weights(model, "Weight pruning")
     blocks = architecture_of(model).blocks + "."
     candidates = {name: module for name, module in model.named_modules()
                   if name.startswith(blocks) and isinstance(module, (nn.Linear, Conv1D))}
@@ -183,6 +184,7 @@ def input_norms(model: nn.Module, tokenizer, texts: Sequence[str], include: Patt
     float64. (Wanda's reference code instead feeds block ``i`` the outputs of the already pruned
     blocks ``0..i-1``.)
     """
+    require_local_weights(model, "Wanda's input norms (calibration)")
     if isinstance(texts, str) or not texts:
         raise UsageError("texts must be a non-empty list of calibration strings.")
     linears = prunable_linears(model, include, exclude)
