@@ -208,6 +208,8 @@ class HookBridge:
             if attention_mask is None:
                 attention_mask = torch.ones_like(ids)
         device = self.device
+        if self.remote is not None:  # a slice of a long text is a view: send only the slice
+            return ids.to(device).clone(), attention_mask.to(device).clone()
         return ids.to(device), attention_mask.to(device)
 
     # ---------------------------------------------------------------- the interleaved work

@@ -32,7 +32,7 @@ from ..evals.lm import context_length
 from ..evals.mmlu import letter_token_ids, mmlu_prompts, mmlu_result
 from ..evals.perplexity import nll_sum, token_windows
 from ..evals.tasks import METRICS, EvalSettings, TaskEvaluator, perplexity_batch
-from .layers import decoder_layers, prefix_reused_logits, skip_layers
+from .layers import prefix_reused_logits, skip_layers
 
 METHOD = "layer_removal"
 
@@ -119,19 +119,23 @@ def layer_sweep(model, tokenizer, settings: EvalSettings, layers: Sequence[int] 
     returned are exactly this sweep's (the unpruned model, then each layer, task by task).
     With ``reuse_prefix`` MMLU and perplexity are computed ``chunk`` layers per
     prefix-reusing pass (smaller chunks save more often; larger ones repeat fewer full
-    forwards); the rows are the same as without it.
+    forwards); the rows are the same as without it. ``model`` may be a ``HookBridge``, also
+    a remote one (``HookBridge.remote``: no prefix reuse there).
     """
     if chunk < 1:
         raise UsageError(f"chunk must be >= 1, got {chunk}.")
-    layers = check_layers(layers, len(decoder_layers(model)))
+    bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
+    tokenizer = tokenizer or bridge.tokenizer
+    layers = check_layers(layers, bridge.adapter.n_layers)
     log = as_log(out)
     evaluator = TaskEvaluator(model, tokenizer, settings)
-    bridge = HookBridge(model, tokenizer)
     rows = [SweepRow(METHOD, _removed([]), lambda: nullcontext(model))]
     rows += [SweepRow(METHOD, _removed([i]), lambda i=i: skip_layers(bridge, [i]))
              for i in layers]
-    if reuse_prefix:
-        _fill_by_prefix_reuse(model, tokenizer, rows, evaluator, log, chunk)
+    # the prefix-reusing pass needs the weights here; a remote bridge runs the plain loop
+    # (each evaluation batch one request, the skipped layer's hooks in it)
+    if reuse_prefix and bridge.remote is None:
+        _fill_by_prefix_reuse(bridge.model, tokenizer, rows, evaluator, log, chunk)
     return run_sweep(rows, evaluator, log)
 
 

@@ -146,3 +146,21 @@ def test_a_remote_bridge_on_a_checkpoint_holds_no_weights(tiny, tmp_path):
     assert remote.device == torch.device("cpu")  # inputs are made here
     with pytest.raises(ValueError, match="not a loaded model"):
         HookBridge.remote(model)
+
+
+def test_the_layer_sweep_runs_remotely_one_request_per_batch(tiny, data_dir):
+    from pruning_bridge.evals import EvalSettings
+    from pruning_bridge.pruning.layer_sweep import layer_sweep
+
+    model, tok = tiny("tiny-llama")
+    settings = EvalSettings(("mmlu", "perplexity"), data_dir=data_dir, window=64, batch_size=4,
+                            limit={"mmlu": 4, "perplexity": 2}, progress=False)
+    remote = HookBridge.remote(model, tokenizer=tok, simulate=True)
+    rows = layer_sweep(remote, None, settings, layers=[0, 1])
+    local = layer_sweep(model, tok, settings, layers=[0, 1], reuse_prefix=False)
+    key = lambda r: (r["task"], tuple(r["config"]["removed"]))  # noqa: E731
+    assert {key(r): r["value"] for r in rows} == {key(r): r["value"] for r in local}
+    # 3 models (unpruned, without layer 0, without layer 1) x (1 MMLU batch + 2 windows, which
+    # the perplexity evaluation runs one at a time)
+    assert remote.traffic.requests == 3 * 3
+    assert max(entry["sent"] for entry in remote.traffic.log) < 100_000  # no text's full tokens
