@@ -31,8 +31,9 @@ def load(args: argparse.Namespace):
     if args.backend == "hooked":
         hooked = load_hooked(args.model, dtype=args.dtype, device=args.device)
         return hooked, hooked.tokenizer
-    model, tokenizer = load_model_from_args(args)
-    return HookBridge(model, tokenizer), tokenizer
+    model, tokenizer = load_model_from_args(args)  # --remote: already a (remote) bridge
+    bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
+    return bridge, tokenizer
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from pruning_bridge.bridge import HookBridge, architecture_of, model_dims
 from pruning_bridge.bridge import residual_writers as hf_residual_writers
 from pruning_bridge.common import model_device
 
-from .edit_math import keep_first_tokens
+from .trace_math import keep_first_tokens
 
 EditFn = Callable[[Tensor], Tensor]
 
@@ -65,17 +65,20 @@ def embedding_weight(model) -> Tensor:
     return model.W_E if is_hooked(model) else hf_model(model).get_input_embeddings().weight
 
 
-def run_with_cache(model, ids: Tensor, attention_mask: Tensor,
-                   names: list[str]) -> dict[str, Tensor]:
-    """The activations at ``names`` for padded ``ids`` (no gradients, nothing else cached)."""
+def run_with_cache(model, ids: Tensor, attention_mask: Tensor, names: list[str],
+                   reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """The activations at ``names`` for padded ``ids`` (no gradients, nothing else cached, no
+    logits), each passed through ``reduce`` if given (in the trace: on a server, only the
+    reduced values come back)."""
     if is_bridge(model):
-        _, cache = model.run_with_cache(ids, names, attention_mask=attention_mask)
+        _, cache = model.run_with_cache(ids, names, attention_mask=attention_mask,
+                                        reduce=reduce, logits=False)
         return dict(cache)
     last = max(int(name.split(".")[1]) for name in names)
     with torch.no_grad():  # stop after the last block needed: no unembedding, no later blocks
         _, cache = model.run_with_cache(ids, names_filter=names, attention_mask=attention_mask,
                                         stop_at_layer=last + 1, return_cache_object=False)
-    return {name: cache[name] for name in names}
+    return {name: cache[name] if reduce is None else reduce(cache[name]) for name in names}
 
 
 def first_tokens(model, x: Tensor) -> Tensor | None:

@@ -33,6 +33,7 @@ from pruning_bridge.common import check_layers, left_pad, model_device
 from pruning_bridge.common import UsageError
 
 from .backend import dims, embedding_weight, run_with_cache
+from .trace_math import pool_batch
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 POOLS = ("last", "mean", "mean_after_first")
@@ -47,22 +48,6 @@ def hook_name(layer: int, hook: str) -> str:
 
 
 # ---------------------------------------------------------------- pooling
-
-
-def pool_batch(acts: Tensor, attention_mask: Tensor, pool: str) -> Tensor:
-    """``[batch, pos, d]`` -> ``[batch, d]`` (float32) over real tokens (mask 1), either padding."""
-    acts = acts.float()
-    real = attention_mask.bool()
-    if pool == "last":  # the last real position of each row
-        positions = torch.arange(real.shape[1], device=real.device)
-        last = torch.where(real, positions, -1).amax(dim=1)
-        return acts[torch.arange(acts.shape[0], device=acts.device), last]
-    if pool == "mean_after_first":  # a one-token row keeps its only token
-        after = real & (real.cumsum(dim=1) > 1)
-        real = torch.where(after.any(dim=1, keepdim=True), after, real)
-    # where() rather than a multiplication: padded positions may hold NaN (fully masked rows)
-    total = torch.where(real[..., None], acts, 0.0).sum(dim=1)
-    return total / real.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 # ---------------------------------------------------------------- storage
@@ -139,9 +124,11 @@ def cache_residuals(model, tokenizer, texts: Sequence[str], hook: str = "resid_p
         index = order[start:start + batch_size]
         ids, mask = left_pad([rows[i] for i in index], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        cache = run_with_cache(model, ids, mask, names)
+        # pooled where the model runs (on a server, only [batch, d_model] per layer comes back)
+        cache = run_with_cache(model, ids, mask, names,
+                               reduce=lambda x, mask=mask: pool_batch(x, mask, pool))
         for k, name in enumerate(names):
-            out[k, index] = pool_batch(cache[name], mask, pool).cpu()
+            out[k, index] = cache[name].cpu()
         del cache
 
     if path is not None:

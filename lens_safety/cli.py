@@ -41,8 +41,9 @@ from .sweep import alpha_sweep
 
 
 def _load_bridge(args: argparse.Namespace) -> tuple[HookBridge, object]:
-    model, tokenizer = load_model_from_args(args)
-    return HookBridge(model, tokenizer), tokenizer
+    model, tokenizer = load_model_from_args(args)  # --remote: already a (remote) bridge
+    bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
+    return bridge, tokenizer
 
 
 def _add_split_options(p, n_per_class: int | None) -> None:

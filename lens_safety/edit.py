@@ -43,7 +43,7 @@ from pruning_bridge.common import UsageError, check_layers
 from .backend import dims, edited_each, residual_hooks
 from .caching import hook_name
 from .directions import class_labels, harmful_direction
-from .edit_math import clamp_along, leace_erase, project_out, subtract_along
+from .trace_math import clamp_along, leace_erase, project_out, subtract_along
 from .editing import orthogonalize, unit_direction
 from .leace import LeaceEraser
 from .probes import as_array

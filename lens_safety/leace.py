@@ -35,7 +35,7 @@ from torch import Tensor
 
 from pruning_bridge.common import OutOfRangeError, UsageError
 
-from .edit_math import leace_erase
+from .trace_math import leace_erase
 from .probes import as_array, binary_labels, check_data
 from .prompts import LABELS
 

@@ -116,8 +116,9 @@ class HookBridge:
                              "the server deployed, not a loaded model (use simulate=True to "
                              "dry-run a loaded one).")
         name = str(model)
-        if os.path.isdir(name):  # a local checkpoint: its key is its path (no hub look-up)
+        if os.path.isdir(name):  # a local checkpoint: its key is its absolute path (no hub)
             from nnsight.modeling.huggingface import _ID_CACHE
+            name = os.path.realpath(name)
             _ID_CACHE.setdefault(name, name)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -227,17 +228,22 @@ class HookBridge:
     def forward(self, input_ids=None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, names: Names = (),
                 logits_to_keep: int = 0, grad: bool = False,
-                **kwargs) -> tuple[Tensor, ActivationCache]:
+                reduce: Callable[[Tensor], Tensor] | None = None, logits: bool = True,
+                **kwargs) -> tuple[Tensor | None, ActivationCache]:
         """Logits (with the active hooks applied) and a cache of ``names``.
 
         ``names`` selects what to cache as everywhere in the bridge (None: every hook point);
         the default, an empty tuple, caches nothing. Runs without autograd unless ``grad=True``
         (then gradients flow to anything the hooks use, e.g. a trained router, and to the
-        model's parameters that require them).
+        model's parameters that require them). ``reduce(activation)`` is cached instead of the
+        activation (e.g. pooled over positions; on a server only that comes back).
+        ``logits=False``: no logits (None), and the model stops after the last cached point.
         """
+        if reduce is not None and self.remote is not None:
+            check_sendable(reduce, "reduce function")
         with torch.set_grad_enabled(grad):
             return self._forward(input_ids, attention_mask, position_ids, names, logits_to_keep,
-                                 **kwargs)
+                                 reduce, logits, **kwargs)
 
     @contextmanager
     def _input(self, attention_mask: Tensor) -> Iterator[None]:
@@ -248,7 +254,8 @@ class HookBridge:
         finally:
             self.input_box.mask = previous
 
-    def _forward(self, input_ids, attention_mask, position_ids, names, logits_to_keep, **kwargs):
+    def _forward(self, input_ids, attention_mask, position_ids, names, logits_to_keep, reduce,
+                 want_logits, **kwargs):
         ids, attention_mask = self.to_tokens(input_ids, attention_mask)
         if position_ids is None:
             position_ids = mask_position_ids(attention_mask)
@@ -261,13 +268,16 @@ class HookBridge:
             return self.model(input_ids=ids, **model_kwargs).logits, ActivationCache({},
                                                                                     attention_mask)
         cache: dict[str, Tensor] = {}
-        visit, wanted = make_visitor(hooks, cached, cache), set(hooks) | cached
-        lm, plan = self.lm, self._plan
+        visit, wanted = make_visitor(hooks, cached, cache, reduce), set(hooks) | cached
+        lm, plan, logits = self.lm, self._plan, None
         with self._input(attention_mask), self._attention(wanted, visit), \
-                lm.trace(ids, **self._run_options(), **model_kwargs):
+                lm.trace(ids, **self._run_options(), **model_kwargs) as tracer:
             interleave(lm, plan, wanted, visit)
             cache = cache.save()  # remote: the server's copy comes back
-            logits = lm.output.logits.save()
+            if want_logits:
+                logits = lm.output.logits.save()
+            else:
+                tracer.stop()  # nothing after the last cached point is needed
         return logits, ActivationCache(cache, attention_mask)
 
     def _attention(self, wanted: set[str], visit):
@@ -344,17 +354,17 @@ class HookBridge:
         """One request: the whole generation runs on the server, hooks at every step."""
         visit, wanted = make_visitor(hooks, set(), {}), set(hooks)
         lm, plan = self.lm, self._plan
-        with self._input(attention_mask), self._attention(wanted, visit), \
-                warnings.catch_warnings(), \
-                lm.generate(max_new_tokens=max_new_tokens, **self._run_options(),
-                            **kwargs) as tracer:
+        with warnings.catch_warnings():  # (outside the traced block: it is sent as source)
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with tracer.invoke(ids, attention_mask=attention_mask):
-                if wanted:
-                    for _ in tracer.all():
-                        interleave(lm, plan, wanted, visit)
-            with tracer.invoke():
-                result = tracer.result.save()
+            with self._input(attention_mask), self._attention(wanted, visit), \
+                    lm.generate(max_new_tokens=max_new_tokens, **self._run_options(),
+                                **kwargs) as tracer:
+                with tracer.invoke(ids, attention_mask=attention_mask):
+                    if wanted:
+                        for _ in tracer.all():
+                            interleave(lm, plan, wanted, visit)
+                with tracer.invoke():
+                    result = tracer.result.save()
         return result
 
     def _generate_hooked(self, ids, attention_mask, max_new_tokens, hooks, kwargs) -> Tensor:

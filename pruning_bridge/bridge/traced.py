@@ -56,13 +56,14 @@ def envoy_at(lm, path: str):
     return envoy
 
 
-def make_visitor(hooks: dict, cached, cache: dict):
+def make_visitor(hooks: dict, cached, cache: dict, reduce=None):
     """The function that runs a hook point's hooks and caches it.
 
     ``visit(name, value, computed=False)`` runs the hooks of ``name`` and returns the edited
     value, or None if nothing changed it. A hook returns a replacement or edits in place. The
     model's own tensors carry an in-place edit by themselves; a ``computed`` value (resid_mid,
     a norm's parts) is compared with a copy, so that an in-place edit of it is written back too.
+    ``reduce(value)`` is cached instead of the value when given.
     """
 
     def visit(name, value, computed=False):
@@ -75,7 +76,7 @@ def make_visitor(hooks: dict, cached, cache: dict):
             elif computed and not torch.equal(value, before):
                 edited = value
         if name in cached:
-            cache[name] = value.detach().clone()
+            cache[name] = value.detach().clone() if reduce is None else reduce(value.detach())
         return edited
 
     return visit

@@ -97,16 +97,39 @@ def limits(text: str) -> int | dict[str, int]:
 
 
 def add_model_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """``--model`` (required unless ``default``), ``--dtype``, ``--device``."""
+    """``--model`` (required unless ``default``), ``--dtype``, ``--device``, and ``--remote``
+    / ``--ndif-host`` / ``--ndif-api-key`` to run on an NDIF server instead."""
     parser.add_argument("--model", required=default is None, default=default, help=MODEL_HELP)
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     parser.add_argument("--device", default=None,
                         help="cpu (default), cuda, cuda:1, or auto (spread over all GPUs)")
+    parser.add_argument("--remote", action="store_true",
+                        help="run on an NDIF server (nnsight remote execution): --model is the "
+                             "hub id or checkpoint path the server has deployed; no weights are "
+                             "loaded here")
+    parser.add_argument("--ndif-host", default=None,
+                        help="the NDIF server's URL (implies --remote; default: $NDIF_HOST, "
+                             "else nnsight's configured host, the public NDIF service)")
+    parser.add_argument("--ndif-api-key", default=None,
+                        help="NDIF API key (default: $NDIF_API_KEY, else nnsight's configured)")
 
 
 def load_model_from_args(
         args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``(model, tokenizer)`` for the options of ``add_model_options``."""
+    """``(model, tokenizer)`` for the options of ``add_model_options``; with ``--remote`` (or
+    ``--ndif-host``) the model is a remote ``HookBridge`` (``HookBridge.remote``)."""
+    host = getattr(args, "ndif_host", None)
+    if getattr(args, "remote", False) or host:
+        import os
+
+        from ..bridge import HookBridge
+
+        if args.dtype or args.device:
+            raise UsageError("--dtype and --device choose how the model is loaded here; with "
+                             "--remote the server's deployment decides them: drop them.")
+        bridge = HookBridge.remote(args.model, host=host or os.environ.get("NDIF_HOST"),
+                                   api_key=args.ndif_api_key or os.environ.get("NDIF_API_KEY"))
+        return bridge, bridge.tokenizer
     return load_model(args.model, dtype=args.dtype, device=args.device)
 
 

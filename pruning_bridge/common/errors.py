@@ -17,20 +17,20 @@ class OutOfRangeError(UsageError, IndexError):
 
 
 class NeedsLocalWeightsError(UsageError):
-    """A weight edit asked of a model whose weights are on a server (a remote bridge)."""
+    """Work that needs the model's weights here, asked of a remote bridge (NDIF)."""
 
 
 def require_local_weights(model, what: str) -> None:
     """Raise ``NeedsLocalWeightsError`` when ``model`` (an HF model or a bridge) has no weights
-    here: a remote bridge (NDIF) or a model on the meta device. ``what`` names the edit."""
+    here: a remote bridge (NDIF) or a model on the meta device. ``what`` names the work."""
     remote = getattr(model, "remote", None)
     module = getattr(model, "model", model) if remote is not None else model
     meta = any(p.is_meta for p in module.parameters()) if hasattr(module, "parameters") else False
     if remote is not None or meta:
         raise NeedsLocalWeightsError(
-            f"{what} changes the model's weights, which are not on this machine"
+            f"{what} needs the model's weights on this machine, and they are not here"
             + (f" (this bridge runs on an NDIF server: {remote})" if remote is not None else
                " (the model is on the meta device)")
-            + ". Load the model locally (pruning_bridge.models.load_model) to edit weights; "
-              "hook-based studies (caching, ablation, skipped layers, routed heads) run "
-              "remotely.")
+            + ". Load the model locally (pruning_bridge.models.load_model) for weight edits "
+              "and training; hook-based studies (caching, ablation, skipped layers, routed "
+              "heads at inference) run remotely.")

@@ -12,6 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..bridge import HookBridge, model_dims
+from ..common.errors import require_local_weights
 from .routing import RoutedHeads
 from .training import frozen, lm_loss
 
@@ -37,6 +38,7 @@ def gradient_head_importance(model, tokenizer, windows: Tensor, batch_size: int 
     ``normalize`` divides each layer's scores by their l2 norm, as the paper does before
     comparing heads across layers. The model is not changed.
     """
+    require_local_weights(model, "Gradient head importance")
     bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
     dims = model_dims(bridge.config)
     n_layers, n_heads = dims.n_layers, dims.n_heads

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..bridge import HookBridge
-from ..common.errors import UsageError
+from ..common.errors import UsageError, require_local_weights
 from ..common.jsonable import JsonDataclass
 from .routing import RoutedHeads
 
@@ -119,6 +119,7 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
     ``train_base`` also updates the model's own weights (AdamW at ``base_lr``); otherwise the
     model is frozen and left exactly as it was.
     """
+    require_local_weights(model, "Training a router (gradients through the model)")
     bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
     windows = texts if isinstance(texts, Tensor) else training_windows(tokenizer, texts, seq_len)
     router = router or RoutedHeads(bridge, n_shared, top_k, layers, seed=seed)

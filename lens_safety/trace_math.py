@@ -1,4 +1,4 @@
-"""The arithmetic of activation edits, as functions of tensors only.
+"""The arithmetic that runs inside traces (activation edits, pooling), on tensors only.
 
 These run inside the bridge's traces, which for a remote bridge means on an NDIF server: nnsight
 sends them there as source, and a server lets a trace use torch and a few other modules only.
@@ -53,6 +53,22 @@ def keep_first_tokens(x: Tensor, edited: Tensor, mask: Tensor | None) -> Tensor:
         return edited
     first = mask.to(x.device).cumsum(-1) <= 1
     return torch.where(first[..., None], x, edited)
+
+
+def pool_batch(acts: Tensor, attention_mask: Tensor, pool: str) -> Tensor:
+    """``[batch, pos, d]`` -> ``[batch, d]`` (float32) over real tokens (mask 1), either padding."""
+    acts = acts.float()
+    real = attention_mask.bool()
+    if pool == "last":  # the last real position of each row
+        positions = torch.arange(real.shape[1], device=real.device)
+        last = torch.where(real, positions, -1).amax(dim=1)
+        return acts[torch.arange(acts.shape[0], device=acts.device), last]
+    if pool == "mean_after_first":  # a one-token row keeps its only token
+        after = real & (real.cumsum(dim=1) > 1)
+        real = torch.where(after.any(dim=1, keepdim=True), after, real)
+    # where() rather than a multiplication: padded positions may hold NaN (fully masked rows)
+    total = torch.where(real[..., None], acts, 0.0).sum(dim=1)
+    return total / real.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 send_by_value(sys.modules[__name__])
