@@ -228,7 +228,8 @@ class HookBridge:
     def forward(self, input_ids=None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, names: Names = (),
                 logits_to_keep: int = 0, grad: bool = False,
-                reduce: Callable[[Tensor], Tensor] | None = None, logits: bool = True,
+                reduce: Callable[[Tensor], Tensor] | None = None,
+                logits: bool | Callable[[Tensor], Tensor] = True,
                 **kwargs) -> tuple[Tensor | None, ActivationCache]:
         """Logits (with the active hooks applied) and a cache of ``names``.
 
@@ -237,10 +238,14 @@ class HookBridge:
         (then gradients flow to anything the hooks use, e.g. a trained router, and to the
         model's parameters that require them). ``reduce(activation)`` is cached instead of the
         activation (e.g. pooled over positions; on a server only that comes back).
-        ``logits=False``: no logits (None), and the model stops after the last cached point.
+        ``logits=False``: no logits (None), and the model stops after the last cached point;
+        ``logits=fn``: ``fn(logits)`` instead, computed in the trace (e.g. per-window NLLs: on a
+        server only those come back).
         """
-        if reduce is not None and self.remote is not None:
-            check_sendable(reduce, "reduce function")
+        if self.remote is not None:
+            for fn, what in ((reduce, "reduce function"), (logits, "logits function")):
+                if callable(fn):
+                    check_sendable(fn, what)
         with torch.set_grad_enabled(grad):
             return self._forward(input_ids, attention_mask, position_ids, names, logits_to_keep,
                                  reduce, logits, **kwargs)
@@ -265,8 +270,9 @@ class HookBridge:
         if logits_to_keep:
             model_kwargs["logits_to_keep"] = logits_to_keep
         if not hooks and not cached and self.remote is None:  # the plain model, no overhead
-            return self.model(input_ids=ids, **model_kwargs).logits, ActivationCache({},
-                                                                                    attention_mask)
+            out = self.model(input_ids=ids, **model_kwargs).logits
+            return (want_logits(out) if callable(want_logits) else out), \
+                ActivationCache({}, attention_mask)
         cache: dict[str, Tensor] = {}
         visit, wanted = make_visitor(hooks, cached, cache, reduce), set(hooks) | cached
         lm, plan, logits = self.lm, self._plan, None
@@ -274,7 +280,9 @@ class HookBridge:
                 lm.trace(ids, **self._run_options(), **model_kwargs) as tracer:
             interleave(lm, plan, wanted, visit)
             cache = cache.save()  # remote: the server's copy comes back
-            if want_logits:
+            if callable(want_logits):
+                logits = want_logits(lm.output.logits).save()
+            elif want_logits:
                 logits = lm.output.logits.save()
             else:
                 tracer.stop()  # nothing after the last cached point is needed

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..bridge import HookBridge
+from ..bridge.remote import send_by_value
 from ..common.errors import UsageError
 from .lm import context_length, forward_logits
 from .result import EvalResult
@@ -68,7 +71,12 @@ def perplexity(model, tokenizer: PreTrainedTokenizerBase, text: str, window: int
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity",
                       disable=not progress):
         batch = windows[start:start + batch_size]
-        nlls.append(window_nlls(forward_logits(model, batch), batch).cpu())
+        if isinstance(model, HookBridge):  # NLLs in the trace: a server sends back only those
+            own = batch.clone()  # a view would carry the whole text's tokens along
+            nll, _ = model.forward(own, logits=lambda logits, own=own: window_nlls(logits, own))
+            nlls.append(nll.cpu())
+        else:
+            nlls.append(window_nlls(forward_logits(model, batch), batch).cpu())
     nll = torch.cat(nlls)
     tokens = windows.shape[1] - 1
     if text_name is None:
@@ -80,3 +88,6 @@ def perplexity(model, tokenizer: PreTrainedTokenizerBase, text: str, window: int
         settings={"window": window, "limit": max_windows, "text": text_name,
                   "n": len(windows)},
         records=[{"window": i, "nll": float(v), "tokens": tokens} for i, v in enumerate(nll)])
+
+
+send_by_value(sys.modules[__name__])  # window_nlls runs inside remote traces
