@@ -335,6 +335,8 @@ class PruningBridgeLM(TemplateLM):
             sampling.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         runner = self.runner
         device = model_device(runner)
+        if getattr(runner, "remote", None) is not None:
+            stop = ()  # a server has no tokenizer to stop with: cut at the stop string here
         out = runner.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                               max_new_tokens=max_new_tokens, pad_token_id=self._pad_id(),
                               stop_strings=list(stop) or None,

@@ -344,3 +344,23 @@ def test_unknown_task_and_model_given_twice(tiny, capsys):
     assert bridge_main(["lm-eval", "--model", "tiny-gpt2", "--tasks", "pb_mmlu",
                         "--batch-size", "0"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_a_remote_bridge_evaluates_as_the_local_model(tiny):
+    """lm-eval over a remote bridge (the server round trip simulated in this process)."""
+    from pruning_bridge.bridge import HookBridge
+
+    model, tok = tiny("tiny-llama")
+    remote = HookBridge.remote(model, tokenizer=tok, simulate=True)
+    local_lm = PruningBridgeLM(model, tok, batch_size=4, max_length=16)
+    remote_lm = PruningBridgeLM(remote, tok, batch_size=4, max_length=16)
+    for kind, items in (("loglikelihood", PAIRS), ("loglikelihood_rolling", TEXTS)):
+        method = getattr(local_lm, kind)
+        want = method(requests(kind, items), disable_tqdm=True)
+        got = getattr(remote_lm, kind)(requests(kind, items), disable_tqdm=True)
+        assert got == want
+    gen = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    reqs = requests("generate_until", [("Once upon a time", gen), ("1, 2, 3,", gen)])
+    assert remote_lm.generate_until(reqs, disable_tqdm=True) == local_lm.generate_until(
+        reqs, disable_tqdm=True)
+    assert remote.traffic.requests > 0
