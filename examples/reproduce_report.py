@@ -79,7 +79,7 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                       sweep_window=128, head_steps=3, head_batch=2, head_seq_len=64,
                       head_tasks="mmlu,perplexity", safety_per_class=12,
                       detox=DetoxSettings(k=2, n_train=16, n_validation=2, n_test_toxic=2,
-                                          n_test_nontoxic=1, sweep_k=2, batch_size=4,
+                                          n_test_nontoxic=2, sweep_k=2, batch_size=4,
                                           wheres=("middle",), sweep_window=64, sweep_windows=1,
                                           hows=(("clamp", (0.0,)),), sources=("rtp_prompts",),
                                           max_perplexity_ratio=100.0, max_fluency_ratio=100.0,
