@@ -47,18 +47,18 @@ def hook_name(layer: int, hook: str) -> str:
     return f"blocks.{layer}.hook_{short}"
 
 
-# ---------------------------------------------------------------- pooling
-
-
 # ---------------------------------------------------------------- storage
 
 
 def _fingerprint(model, tokenizer, texts: Sequence[str], hook: str, pool: str,
                  layers: list[int], max_length: int) -> dict[str, str]:
     """What a stored cache must match: settings, texts, tokenizer and the embedding weights."""
-    embed = embedding_weight(model)
     texts_hash = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
-    weights_hash = hashlib.sha256(embed.detach().float().cpu().numpy().tobytes()).hexdigest()
+    if getattr(model, "remote", None) not in (None, "simulate"):  # weights on a server
+        weights_hash = "remote:" + model.lm.to_model_key()
+    else:
+        embed = embedding_weight(model)
+        weights_hash = hashlib.sha256(embed.detach().float().cpu().numpy().tobytes()).hexdigest()
     return {"hook": hook, "pool": pool, "layers": json.dumps(layers),
             "max_length": str(max_length), "n_texts": str(len(texts)), "texts_sha256": texts_hash,
             "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
