@@ -11,7 +11,7 @@
 Both must give the same numbers remotely and locally (checked). Against a real server::
 
     bash scripts/ndif_local.sh start && source .ndif/env
-    .venv/bin/python benchmarks/bench_remote.py --host "$NDIF_HOST" --checkpoint "$NDIF_MODEL"
+    .venv/bin/python benchmarks/bench_remote.py --host "$NDIF_HOST" --checkpoint "$NDIF_LOCAL_MODEL_PATH"
 
 Without ``--host`` the server's round trip is simulated in this process (``simulate=True``:
 serialisation, the server's unpickling whitelist, execution), which measures the client's side.

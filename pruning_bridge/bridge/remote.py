@@ -1,10 +1,12 @@
 """Sending the bridge's traces to an NDIF server (nnsight remote execution), and counting them.
 
 nnsight ships a trace to NDIF as source code plus the objects it names (pickled; functions by
-their source). The server unpickles and runs it with only a few modules importable: torch, math,
-numpy, collections and a handful more (``SERVER_MODULES``). So everything that runs inside a
-remote trace, the bridge's own ``traced`` code and every user hook, must be sent *by value* and
-use only those modules. ``check_sendable`` proves that on the client, before any request, and
+their source). NDIF's hosted service runs it in a protected environment that lets a trace import
+only a few modules: torch, math, numpy, collections and a handful more (``SERVER_MODULES``, from
+ndif's ``protected_environment``; the PyPI ``ndif`` 0.1.2 used for a local server checks nothing,
+so the client holds every trace to the stricter rule). Nothing of this toolkit is installed on a
+server. So everything that runs inside a remote trace, the bridge's own ``traced`` code and every
+user hook, must be sent *by value* and use only those modules. ``check_sendable`` proves that on the client, before any request, and
 names the function and the module at fault; ``SimulatedServer`` runs a whole trace through the
 same serialise / restricted-unpickle / execute round trip without a server (for tests).
 
@@ -30,8 +32,8 @@ from nnsight.tracing.tracer import _saves
 from ..common.errors import UsageError
 from . import adapters, traced
 
-# What an NDIF server lets a trace import (its protected environment's whitelist, which also
-# admits what unpickling needs). A prefix admits its submodules.
+# What NDIF's hosted service lets a trace import (ndif's protected environment: its whitelist, and
+# what unpickling needs). A prefix admits its submodules.
 SERVER_MODULES = (
     "builtins", "torch", "collections", "time", "numpy", "sympy", "nnterp", "math", "einops",
     "typing", "_operator", "operator", "pandas", "enum", "copyreg", "pickle", "cloudpickle",

@@ -4,7 +4,7 @@ the server in place of the simulated round trip, remote vs local on the same wei
 Runs when ``NDIF_HOST`` is set (skipped otherwise)::
 
     bash scripts/ndif_local.sh start        # NDIF on 127.0.0.1, SmolLM2-135M deployed (fp32)
-    source .ndif/env                        # NDIF_HOST and NDIF_MODEL
+    source .ndif/env                        # NDIF_HOST and NDIF_LOCAL_MODEL_PATH
     bash scripts/test.sh -m ndif tests/bridge/test_ndif.py -s
     bash scripts/ndif_local.sh stop
 """
@@ -27,7 +27,8 @@ from test_remote import (  # noqa: F401
 
 pytestmark = [pytest.mark.ndif, pytest.mark.skipif(
     not os.environ.get("NDIF_HOST"), reason="no NDIF server: scripts/ndif_local.sh start")]
-CHECKPOINT = Path(os.environ.get("NDIF_MODEL", Path(__file__).parents[2] / ".ndif/smollm2-135m"))
+CHECKPOINT = Path(os.environ.get("NDIF_LOCAL_MODEL_PATH",
+                             Path(__file__).parents[2] / ".ndif/smollm2-135m")).resolve()
 
 
 @pytest.fixture(scope="module")
