@@ -15,10 +15,13 @@ from torch import Tensor
 
 
 def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU if it has none)."""
+    """The device of the model's first parameter (CPU if it has none, or if its weights are on
+    the meta device: a remote bridge's inputs are made here)."""
     params = getattr(model, "parameters", None)
     first = next(iter(params()), None) if params else None
-    return first.device if first is not None else torch.device("cpu")
+    if first is None or first.device.type == "meta":
+        return torch.device("cpu")
+    return first.device
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
