@@ -51,7 +51,7 @@ def row(name: str, local_s: float, remote: HookBridge, remote_s: float, asked: i
         batches: int) -> None:
     t = remote.traffic
     print(f"{name:<34}{local_s:>9.2f}{remote_s:>9.2f}{remote_s / local_s:>8.2f}x"
-          f"{t.requests:>6} /{batches:<4}{t.bytes_sent:>12,}{t.bytes_returned:>14,}"
+          f"{t.requests:>6} /{batches:<4}{t.bytes_sent:>13,}{t.bytes_returned:>14,}"
           f"{asked:>14,}{t.bytes_returned / asked:>8.3f}")
 
 
@@ -86,7 +86,7 @@ def main() -> None:
     n_layers = local.adapter.n_layers
     print(f"{where}; {n_layers} layers, d_model {local.config.hidden_size}")
     print(f"\n{'':<34}{'local s':>9}{'remote s':>9}{'ratio':>9}{'requests':>11}"
-          f"{'bytes sent':>12}{'bytes returned':>14}{'asked':>14}{'ret/ask':>8}")
+          f"{'bytes sent':>13}{'returned':>14}{'asked':>14}{'ret/ask':>8}")
 
     # (a) caching for the probe study
     corpus = texts(args.n_texts)
@@ -117,6 +117,9 @@ def main() -> None:
     asked = models * args.windows * 8  # one float64 NLL per window
     row(f"layer sweep, {models} models x {args.windows} win", local_s, remote, remote_s, asked,
         models * per_model)
+    vocab = local.config.vocab_size
+    print(f"(the sweep's result is one NLL per window plus the result's fixed overhead; full "
+          f"logits would be {models * args.windows * args.window * vocab * 4:,} bytes)")
     print(f"(local prefix-reusing sweep: {reused_s:.2f} s, {reused_s / local_s:.2f}x the plain "
           f"loop; same values: {max(abs(values(reused)[k] - v) for k, v in values(naive).items()):.1e})")
 
