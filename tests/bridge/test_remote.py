@@ -164,3 +164,22 @@ def test_the_layer_sweep_runs_remotely_one_request_per_batch(tiny, data_dir):
     # the perplexity evaluation runs one at a time)
     assert remote.traffic.requests == 3 * 3
     assert max(entry["sent"] for entry in remote.traffic.log) < 100_000  # no text's full tokens
+
+
+def test_the_cli_model_options_make_a_remote_bridge(tiny, tmp_path):
+    import argparse
+
+    from pruning_bridge.common.cli import add_model_options, load_model_from_args
+
+    model, tok = tiny("tiny-gpt2")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    args = parser.parse_args(["--model", str(tmp_path), "--ndif-host", "http://127.0.0.1:9"])
+    bridge, tokenizer = load_model_from_args(args)
+    assert isinstance(bridge, HookBridge) and bridge.remote == "http://127.0.0.1:9"
+    assert all(p.is_meta for p in bridge.parameters()) and tokenizer is bridge.tokenizer
+    args = parser.parse_args(["--model", str(tmp_path), "--remote", "--dtype", "bfloat16"])
+    with pytest.raises(ValueError, match="server's deployment decides"):
+        load_model_from_args(args)
