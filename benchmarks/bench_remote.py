@@ -11,7 +11,8 @@
 Both must give the same numbers remotely and locally (checked). Against a real server::
 
     bash scripts/ndif_local.sh start && source .ndif/env
-    .venv/bin/python benchmarks/bench_remote.py --host "$NDIF_HOST" --checkpoint "$NDIF_LOCAL_MODEL_PATH"
+    .venv/bin/python benchmarks/bench_remote.py --host "$NDIF_HOST" \
+        --checkpoint "$NDIF_LOCAL_MODEL_PATH"
 
 Without ``--host`` the server's round trip is simulated in this process (``simulate=True``:
 serialisation, the server's unpickling whitelist, execution), which measures the client's side.
@@ -76,6 +77,9 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(args.checkpoint)
         model = AutoModelForCausalLM.from_pretrained(args.checkpoint,
                                                      torch_dtype=torch.float32).eval()
+        from nnsight import CONFIG
+
+        CONFIG.APP.REMOTE_LOGGING = False  # no live status line per request
         remote = HookBridge.remote(args.checkpoint, host=args.host, tokenizer=tok)
         where = f"NDIF server at {args.host}"
     else:
@@ -120,8 +124,9 @@ def main() -> None:
     vocab = local.config.vocab_size
     print(f"(the sweep's result is one NLL per window plus the result's fixed overhead; full "
           f"logits would be {models * args.windows * args.window * vocab * 4:,} bytes)")
+    gap = max(abs(values(reused)[k] - v) for k, v in values(naive).items())
     print(f"(local prefix-reusing sweep: {reused_s:.2f} s, {reused_s / local_s:.2f}x the plain "
-          f"loop; same values: {max(abs(values(reused)[k] - v) for k, v in values(naive).items()):.1e})")
+          f"loop; same values: {gap:.1e})")
 
 
 if __name__ == "__main__":

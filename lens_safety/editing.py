@@ -29,7 +29,7 @@ from pruning_bridge.common.errors import require_local_weights
 
 from .backend import dims, edited, hf_model, residual_hooks, residual_writers, tied_head
 from .caching import hook_name
-from .trace_math import clamp_along, project_out, subtract_along
+from .trace_math import clamp_along, project_out, subtract_along  # noqa: F401 (re-exported)
 
 MODES = ("project", "subtract")
 

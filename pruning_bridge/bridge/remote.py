@@ -6,9 +6,10 @@ only a few modules: torch, math, numpy, collections and a handful more (``SERVER
 ndif's ``protected_environment``; the PyPI ``ndif`` 0.1.2 used for a local server checks nothing,
 so the client holds every trace to the stricter rule). Nothing of this toolkit is installed on a
 server. So everything that runs inside a remote trace, the bridge's own ``traced`` code and every
-user hook, must be sent *by value* and use only those modules. ``check_sendable`` proves that on the client, before any request, and
-names the function and the module at fault; ``SimulatedServer`` runs a whole trace through the
-same serialise / restricted-unpickle / execute round trip without a server (for tests).
+user hook, must be sent *by value* and use only those modules. ``check_sendable`` proves that
+on the client, before any request, and names the function and the module at fault;
+``SimulatedServer`` runs a whole trace through the same serialise / restricted-unpickle / execute
+round trip without a server (for tests).
 
 ``Traffic`` counts what a bridge sends: requests, payload bytes, result bytes and seconds.
 """
@@ -16,7 +17,6 @@ same serialise / restricted-unpickle / execute round trip without a server (for 
 from __future__ import annotations
 
 import io
-import pickle
 import time
 import types
 from dataclasses import dataclass, field
