@@ -110,11 +110,10 @@ def model_key(path: str | os.PathLike) -> str:
 
 
 def write_checkpoint(directory: str) -> None:
-    """Save the repo's embedded SmolLM2-135M (``pruning_bridge.models.load_model``) in float32."""
+    """Copy the repo's embedded SmolLM2-135M checkpoint (float32 safetensors, converted once by
+    ``pruning_bridge.models.smollm2_checkpoint``) to ``directory`` for the server to deploy."""
     import shutil
     import tempfile
-
-    import torch
 
     target = Path(directory).resolve()
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
@@ -122,16 +121,15 @@ def write_checkpoint(directory: str) -> None:
         return
     repo = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(repo))
-    from pruning_bridge.models import SMOLLM2, load_model
+    from pruning_bridge.models import smollm2_checkpoint
 
-    model, tokenizer = load_model(SMOLLM2, dtype=torch.float32)
+    source = smollm2_checkpoint()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: a half-written checkpoint is never deployed
-    print(f"checkpoint written: {target}")
+    print(f"checkpoint written: {target} (from {source})")
 
 
 def write_deploy_yaml(directory: str, template: str, out: str) -> None:
