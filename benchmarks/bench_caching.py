@@ -20,23 +20,12 @@ import argparse
 
 import torch
 
-from common import median_time, print_table
+from common import median_time, print_table, sample_texts
 from lens_safety.caching import cache_residuals
 from pruning_bridge.common import left_pad
 from lens_safety.editing import ablate, orthogonalize
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.models import load_model
-
-WORDS = ("the river bank was quiet when the old man walked past the closed market and "
-         "remembered a story his mother told about winter nights in the mountains").split()
-
-
-def _texts(n: int) -> list[str]:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(6, 40, (n,), generator=g).tolist()
-    return [" ".join(WORDS[(i + k) % len(WORDS)] for k in range(length))
-            for i, length in enumerate(lengths)]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -51,7 +40,7 @@ def main() -> None:
     bridge = HookBridge(model, tok)
     n_layers = bridge.adapter.n_layers
     post = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
-    texts = _texts(args.n_texts)
+    texts = sample_texts(args.n_texts)
 
     # the same padded batches cache_residuals builds (sorted by length, left padding)
     rows = tok(texts, truncation=True, max_length=256)["input_ids"]

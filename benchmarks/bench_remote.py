@@ -25,22 +25,12 @@ import time
 
 import torch
 
+from common import sample_texts
 from lens_safety.caching import cache_residuals
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.evals import EvalSettings
 from pruning_bridge.models import load_model
 from pruning_bridge.pruning.layer_sweep import layer_sweep
-
-WORDS = ("the river bank was quiet when the old man walked past the closed market and "
-         "remembered a story his mother told about winter nights in the mountains").split()
-
-
-def texts(n: int) -> list[str]:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(6, 40, (n,), generator=g).tolist()
-    return [" ".join(WORDS[(i + k) % len(WORDS)] for k in range(length))
-            for i, length in enumerate(lengths)]
-
 
 def timed(fn):
     tic = time.perf_counter()
@@ -93,7 +83,7 @@ def main() -> None:
           f"{'bytes sent':>13}{'returned':>14}{'asked':>14}{'ret/ask':>8}")
 
     # (a) caching for the probe study
-    corpus = texts(args.n_texts)
+    corpus = sample_texts(args.n_texts)
     kwargs = dict(hook="resid_post", pool="last", batch_size=args.batch, progress=False)
     cache_residuals(remote, None, corpus[:args.batch], **kwargs)  # warm up both
     cache_residuals(local, None, corpus[:args.batch], **kwargs)

@@ -25,6 +25,7 @@ from nnsight import LanguageModel
 from torch import Tensor
 
 from ..common.errors import UsageError
+from ..common.tokens import model_device
 from ..common.tokens import position_ids as mask_position_ids
 from .adapters import Adapter, adapter_for
 from .attention import PATTERN_NAMES, ROTARY_NAMES, exposed
@@ -145,19 +146,13 @@ class HookBridge:
             self.traffic, self.lm.to_model_key(),
             host=self.remote if isinstance(self.remote, str) else None, api_key=self.api_key)}
 
-    def _local_only(self, what: str) -> None:
-        if self.remote is not None:
-            raise UsageError(f"{what} needs the model's weights here; this bridge runs on an NDIF "
-                             f"server ({self.remote}). Run it on a local bridge.")
-
     # ---------------------------------------------------------------- the model-like surface
     def parameters(self):
         return self.model.parameters()
 
     @property
     def device(self) -> torch.device:
-        device = next(self.model.parameters()).device
-        return torch.device("cpu") if device.type == "meta" else device  # remote: inputs here
+        return model_device(self.model)  # a remote bridge's (meta) model: inputs made here
 
     def __repr__(self) -> str:
         return (f"HookBridge({self.adapter.arch.family}, {self.adapter.n_layers} layers, "
