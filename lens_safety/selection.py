@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from pruning_bridge.common import UsageError
+from pruning_bridge.common.identity import model_identity
 from pruning_bridge.common.sweep import SweepRow, run_sweep
 from pruning_bridge.evals import mmlu_accuracy, perplexity
 
@@ -68,6 +69,7 @@ class EditSweepEvaluator:
         self.settings, self.scorer = settings, scorer
         self.perplexity_text, self.window, self.max_windows = perplexity_text, window, max_windows
         self.mmlu, self.batch_size, self.progress = mmlu, batch_size, progress
+        self.model_identity = model_identity(model)
         digest = lambda data: hashlib.sha256(data.encode()).hexdigest()[:12]  # noqa: E731
         self._identity = {
             "prompts": digest(json.dumps(self.prompts)), "n_prompts": len(self.prompts),

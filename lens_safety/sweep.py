@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common.identity import model_identity
 from pruning_bridge.common.sweep import SweepRow, run_sweep
 
 from .evaluation import evaluate_edit
@@ -63,6 +64,7 @@ class EditEvaluator:
                  subtract_layers: Sequence[int] | None, subtract_hooks: Sequence[str],
                  evaluate_edit_kwargs: dict):
         self.model, self.tokenizer, self.direction = model, tokenizer, direction
+        self.model_identity = model_identity(model)
         self.settings = settings
         self.subtract_where = dict(layers=subtract_layers, hooks=tuple(subtract_hooks))
         self.kwargs = evaluate_edit_kwargs

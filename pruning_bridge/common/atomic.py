@@ -18,7 +18,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 try:  # POSIX
     import fcntl
@@ -77,12 +77,14 @@ def write_json_atomic(path: str | os.PathLike, value: Any, **dumps_kwargs) -> Pa
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike,
+              waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock tied to ``path`` (on ``<path>.lock``) for the ``with`` block.
 
     Runs that share a file (two sweeps appending to one results log) take turns. The lock is an
     OS advisory lock (``flock``), released by the OS if the process dies, so a killed run never
-    leaves a stale lock behind. The ``.lock`` file itself is empty and may stay.
+    leaves a stale lock behind. The ``.lock`` file itself is empty and may stay. ``waiting`` is
+    called once, before blocking, when another process holds the lock.
     """
     path = Path(path)
     if fcntl is None:  # pragma: no cover
@@ -90,7 +92,12 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

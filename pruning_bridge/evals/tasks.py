@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..common.errors import UsageError
+from ..common.identity import model_identity
 from .data import load_wikitext2
 from .gsm8k import gsm8k_accuracy
 from .mmlu import mmlu_accuracy
@@ -150,11 +151,14 @@ class TaskEvaluator:
     """The sweep runner's evaluator for the named tasks of one ``EvalSettings``.
 
     ``identity`` is fixed by the unpruned ``model`` (its context sets the default window), so
-    every configuration of a sweep is evaluated, and keyed, with the same settings.
+    every configuration of a sweep is evaluated, and keyed, with the same settings;
+    ``model_identity`` (weights fingerprint, dtype, device) keeps its rows apart from other
+    models' in a shared results file.
     """
 
     def __init__(self, model, tokenizer, settings: EvalSettings):
         self.tokenizer = tokenizer
+        self.model_identity = model_identity(model)
         self.settings = settings.replace(window=settings.window or default_window(model))
         self.tasks = self.settings.tasks
         self._identity = {t: self.settings.task_settings(t, model) for t in self.tasks}

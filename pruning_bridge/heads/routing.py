@@ -255,11 +255,12 @@ class RoutedHeads(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write ``router.pt`` (weights) and ``router.json`` (settings) into directory ``path``."""
+        from ..common.atomic import atomic_path, write_json_atomic  # not sent to servers
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()},
-                   path / "router.pt")
-        (path / "router.json").write_text(json.dumps(self.settings(), indent=1))
+        with atomic_path(path / "router.pt") as tmp:
+            torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, tmp)
+        write_json_atomic(path / "router.json", self.settings(), indent=1)
         return path
 
     @classmethod

@@ -1,7 +1,8 @@
 """The routed-heads study end to end (the report's Figure 3), resumable in one output folder.
 
 1. train a router per active-head fraction on WikiText-2 validation paragraphs
-   (``router_k{k}/``: weights, loss curve, checkpoints);
+   (``router_k{k}/``: weights, loss curve, checkpoints; reused only for the same model, data
+   and training settings, retrained otherwise with a warning naming what changed);
 2. head importance on held-out paragraphs: the mean gates of the most selective router (the
    report's Figure 3) and head-mask gradients (``importance.json``);
 3. evaluate routed and removed heads at each fraction (``head_sweep.jsonl``).
@@ -9,16 +10,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import Tensor, tensor
 
 from ..bridge import HookBridge, model_dims
+from ..common.atomic import write_json_atomic
 from ..common.errors import UsageError
+from ..common.identity import model_identity
 from ..evals.tasks import EvalSettings
 from ..pruning.weight_sweep import calibration_texts
 from .importance import gradient_head_importance, mean_gate_importance
@@ -58,6 +64,28 @@ def _split_texts(data_dir, n_train: int, n_eval: int, seed: int) -> tuple[list[s
     return texts[:n_train], texts[n_train:]
 
 
+def _importance(bridge: HookBridge, tokenizer, router: RoutedHeads, eval_ids: Tensor,
+                path: Path, progress: bool) -> tuple[Tensor, Tensor]:
+    """Mean gates and gradient importance, reused from ``path`` when it was computed for this
+    router, model and evaluation text (a damaged file is said once and recomputed)."""
+    model = model_identity(bridge)
+    identity = {"router": fingerprint(router),
+                "model": {k: v for k, v in model.items() if k != "name"},
+                "data": hashlib.sha256(eval_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]}
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if saved.get("identity") == identity:
+            return tensor(saved["mean_gates"]), tensor(saved["gradient"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        warnings.warn(f"{path} is damaged ({type(error).__name__}); recomputing it.", stacklevel=3)
+    gates = mean_gate_importance(router, bridge, eval_ids, progress=progress)
+    gradients = gradient_head_importance(bridge, tokenizer, eval_ids, progress=progress)
+    write_json_atomic(path, {"identity": identity, "model_name": model["name"],
+                             "mean_gates": gates.tolist(), "gradient": gradients.tolist(),
+                             "windows": len(eval_ids), "seq_len": eval_ids.shape[1]})
+    return gates, gradients
+
+
 def run_head_study(model, tokenizer, out: str | Path, settings: EvalSettings, *,
                    n_shared: int = 1, top_k: int | None = None,
                    layers: Sequence[int] | None = None, steps: int = 100, batch_size: int = 4,
@@ -88,29 +116,14 @@ def run_head_study(model, tokenizer, out: str | Path, settings: EvalSettings, *,
     ks = {fraction: top_k_for(fraction, n_heads, n_shared) for fraction in fractions}
     figure_k = top_k if top_k is not None else min(ks.values())
     routers, logs = {}, {}
-    for k in sorted({*ks.values(), figure_k}):
-        router_dir = out / f"router_k{k}"
-        if (router_dir / "training_log.json").exists():
-            routers[k] = RoutedHeads.load(router_dir, bridge)
-            logs[k] = RouterTrainingLog.from_json(router_dir / "training_log.json")
-        else:
-            routers[k], logs[k] = train_router(
-                bridge, tokenizer, train_ids, n_shared=n_shared, top_k=k, layers=layers,
-                steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed,
-                out=router_dir, progress=progress)
+    for k in sorted({*ks.values(), figure_k}):  # each resumes, or reloads, its own folder
+        routers[k], logs[k] = train_router(
+            bridge, tokenizer, train_ids, n_shared=n_shared, top_k=k, layers=layers,
+            steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed,
+            out=out / f"router_k{k}", progress=progress)
     router = routers[figure_k]
-
-    importance_path = out / "importance.json"
-    saved = json.loads(importance_path.read_text()) if importance_path.exists() else {}
-    if saved.get("router") == fingerprint(router):
-        gates, gradients = tensor(saved["mean_gates"]), tensor(saved["gradient"])
-    else:
-        gates = mean_gate_importance(router, bridge, eval_ids, progress=progress)
-        gradients = gradient_head_importance(bridge, tokenizer, eval_ids, progress=progress)
-        importance_path.write_text(json.dumps({"router": fingerprint(router),
-                                               "mean_gates": gates.tolist(),
-                                               "gradient": gradients.tolist(),
-                                               "windows": len(eval_ids), "seq_len": seq_len}))
+    gates, gradients = _importance(bridge, tokenizer, router, eval_ids, out / "importance.json",
+                                   progress)
 
     by_fraction = {f: routers[k] for f, k in ks.items()}
     rows = head_sweep(model, tokenizer, by_fraction, gates, settings,

@@ -4,14 +4,19 @@ Only the routers train by default (AdamW, gradient clipping, a step budget). The
 are fp32 whatever the model's dtype; every step is checked for finite values, and a non-finite
 one stops training with the step and layer named (the report trained on Qwen3 NaN losses
 without noticing). With ``out`` the loss curve is appended as it goes, a checkpoint is written
-every ``checkpoint_every`` steps and at the end, and a rerun resumes from the last checkpoint.
+every ``checkpoint_every`` steps and at the end, and a rerun resumes from the last checkpoint
+when it was made with the same training settings, model and data (``training_settings``);
+otherwise it says what differs and trains afresh, so a folder never hands back a router trained
+for another model or with other settings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +29,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..bridge import HookBridge
+from ..common.atomic import atomic_path, write_text_atomic
 from ..common.errors import UsageError, require_local_weights
+from ..common.identity import model_identity
 from ..common.jsonable import JsonDataclass
 from .routing import RoutedHeads
 
@@ -105,6 +112,31 @@ def _check_grads(router: RoutedHeads, step: int) -> None:
                                       f"not finite. Lower the learning rate or beta.")
 
 
+IGNORED = ("model_name",)  # recorded, but not a reason to retrain (a moved checkpoint)
+
+
+def training_settings(bridge: HookBridge, router: RoutedHeads, windows: Tensor, *, steps: int,
+                      batch_size: int, lr: float, beta: float, max_grad_norm: float,
+                      train_base: bool, base_lr: float, seed: int) -> dict:
+    """Everything that determines a trained router: its shape, the optimisation, the model
+    (weights fingerprint, dtype, device) and a digest of the training windows."""
+    model = model_identity(bridge)
+    data = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return {**router.settings(), "steps": steps, "batch_size": batch_size,
+            "seq_len": windows.shape[1], "lr": lr, "beta": beta, "max_grad_norm": max_grad_norm,
+            "train_base": train_base, "base_lr": base_lr if train_base else None, "seed": seed,
+            "dtype": model["dtype"], "model": {k: v for k, v in model.items() if k != "name"},
+            "model_name": model["name"], "windows": len(windows), "data": data}
+
+
+def settings_differ(saved: dict, wanted: dict) -> list[str]:
+    """The training settings that differ, as ``name: saved -> wanted`` (ignoring the name)."""
+    keys = sorted((set(saved) | set(wanted)) - set(IGNORED))
+    return [f"{k}: {saved.get(k)} -> {wanted.get(k)}" for k in keys
+            if json.dumps(saved.get(k), sort_keys=True, default=str)
+            != json.dumps(wanted.get(k), sort_keys=True, default=str)]
+
+
 def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: int = 1,
                  top_k: int | None = None, layers: Sequence[int] | None = None,
                  router: RoutedHeads | None = None, steps: int = 100, batch_size: int = 4,
@@ -117,7 +149,8 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
     ``texts`` are strings (tokenized into ``seq_len`` windows) or a ``[n, seq_len]`` id tensor.
     Batches follow a seeded schedule, so a resumed run sees the same data as an uninterrupted one.
     ``train_base`` also updates the model's own weights (AdamW at ``base_lr``); otherwise the
-    model is frozen and left exactly as it was.
+    model is frozen and left exactly as it was. With ``out``, a finished or interrupted run
+    there with the same ``training_settings`` is resumed (a finished one is just loaded).
     """
     require_local_weights(model, "Training a router (gradients through the model)")
     bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
@@ -125,10 +158,9 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
     router = router or RoutedHeads(bridge, n_shared, top_k, layers, seed=seed)
     router.to(bridge.device)
     dtype = next(bridge.parameters()).dtype
-    settings = {**router.settings(), "steps": steps, "batch_size": batch_size,
-                "seq_len": windows.shape[1], "lr": lr, "beta": beta,
-                "max_grad_norm": max_grad_norm, "train_base": train_base, "seed": seed,
-                "dtype": str(dtype)}
+    settings = training_settings(bridge, router, windows, steps=steps, batch_size=batch_size,
+                                 lr=lr, beta=beta, max_grad_norm=max_grad_norm,
+                                 train_base=train_base, base_lr=base_lr, seed=seed)
     out = Path(out) if out is not None else None
     log = RouterTrainingLog(settings)
 
@@ -168,7 +200,7 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
                     with open(out / "loss_curve.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
                     if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                        _checkpoint(out, router, optimizer, step + 1)
+                        _checkpoint(out, router, optimizer, step + 1, settings)
     finally:
         router.last.clear()  # drop the autograd graph of the last batch
     if out is not None:
@@ -177,29 +209,52 @@ def train_router(model, tokenizer, texts: Sequence[str] | Tensor, *, n_shared: i
     return router, log
 
 
-def _checkpoint(out: Path, router: RoutedHeads, optimizer, step: int) -> None:
-    tmp = out / "checkpoint.pt.tmp"
-    torch.save({"step": step, "router": router.state_dict(), "optimizer": optimizer.state_dict(),
-                "settings": router.settings()}, tmp)
-    tmp.replace(out / "checkpoint.pt")
+def _checkpoint(out: Path, router: RoutedHeads, optimizer, step: int, settings: dict) -> None:
+    with atomic_path(out / "checkpoint.pt") as tmp:
+        torch.save({"step": step, "router": router.state_dict(),
+                    "optimizer": optimizer.state_dict(), "settings": settings}, tmp)
+
+
+def _loss_rows(path: Path) -> list[dict]:
+    """The loss curve's rows (a line cut short by a crash is skipped)."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def _start_afresh(out: Path) -> int:
+    for name in ("checkpoint.pt", "loss_curve.jsonl", "training_log.json"):
+        (out / name).unlink(missing_ok=True)
+    return 0
 
 
 def _resume(out: Path, router: RoutedHeads, optimizer, log: RouterTrainingLog) -> int:
-    """Load the last checkpoint in ``out`` (if it matches) and the loss curve up to it."""
+    """Load the last checkpoint in ``out`` if it was made with ``log.settings`` (else say what
+    differs and start afresh); keep the loss curve up to it. Returns the step to start at."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "checkpoint.pt"
     if not path.exists():
-        (out / "loss_curve.jsonl").unlink(missing_ok=True)
-        return 0
-    state = torch.load(path, weights_only=False)
-    if state["settings"]["layers"] != router.layers or state["settings"]["n_shared"] != \
-            router.n_shared:
-        raise UsageError(f"{path} holds a router for other settings ({state['settings']}); "
-                         f"use another output directory or delete it.")
+        return _start_afresh(out)
+    try:
+        state = torch.load(path, weights_only=False)
+        saved = state["settings"]
+    except Exception as error:  # a damaged checkpoint is our own file: recompute it
+        warnings.warn(f"{path} cannot be read ({type(error).__name__}); training the router "
+                      f"afresh.", stacklevel=3)
+        return _start_afresh(out)
+    differ = settings_differ(saved, log.settings)
+    if differ:
+        warnings.warn(f"{out} holds a router trained with other settings ({'; '.join(differ)}); "
+                      f"training it afresh for these.", stacklevel=3)
+        return _start_afresh(out)
     router.load_state_dict(state["router"])
     optimizer.load_state_dict(state["optimizer"])
-    rows = [json.loads(line) for line in (out / "loss_curve.jsonl").read_text().splitlines()
-            if line.strip()] if (out / "loss_curve.jsonl").exists() else []
-    log.steps = [r for r in rows if r["step"] < state["step"]]
-    (out / "loss_curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log.steps))
+    log.steps = [r for r in _loss_rows(out / "loss_curve.jsonl") if r["step"] < state["step"]]
+    write_text_atomic(out / "loss_curve.jsonl", "".join(json.dumps(r) + "\n" for r in log.steps))
     return state["step"]

@@ -93,21 +93,28 @@ def _fill_by_prefix_reuse(model, tokenizer, rows: list[SweepRow], evaluator: Tas
     for task in [t for t in evaluator.tasks if t in REUSABLE]:
         identity = evaluator.identity(task)
         todo = [row for row in rows if task in pending_tasks(row, evaluator, log)]
-        need_baseline = any(not row.config["removed"] for row in todo)
-        pending = [row.config["removed"][0] for row in todo if row.config["removed"]]
+        pending = [row for row in todo if row.config["removed"]]
         for part in [pending[j:j + chunk] for j in range(0, len(pending), chunk)]:
-            start = time.perf_counter()
-            values = REUSABLE[task](model, tokenizer, evaluator.settings, identity, part)
-            seconds = (time.perf_counter() - start) / len(values)
-            measured = {key: {"metric": METRICS[task], "value": value}
-                        for key, value in values.items()}
-            if need_baseline:
-                log.append(result_row(METHOD, _removed([]), task, identity, measured[None],
-                                      seconds))
-                need_baseline = False
-            for layer in part:
-                log.append(result_row(METHOD, _removed([layer]), task, identity,
-                                      measured[layer], seconds))
+            with log.claim():  # another run on this file may have done some meanwhile
+                part = [row for row in part if task in pending_tasks(row, evaluator, log)]
+                if not part:
+                    continue
+                baseline = SweepRow(METHOD, _removed([]), nullcontext)
+                need_baseline = task in pending_tasks(baseline, evaluator, log)
+                start = time.perf_counter()
+                layers = [row.config["removed"][0] for row in part]
+                values = REUSABLE[task](model, tokenizer, evaluator.settings, identity, layers)
+                seconds = (time.perf_counter() - start) / len(values)
+                if need_baseline:
+                    log.append(result_row(METHOD, _removed([]), task, evaluator,
+                                          _measured(task, values[None]), seconds))
+                for layer in layers:
+                    log.append(result_row(METHOD, _removed([layer]), task, evaluator,
+                                          _measured(task, values[layer]), seconds))
+
+
+def _measured(task: str, value: float) -> dict:
+    return {"metric": METRICS[task], "value": value}
 
 
 def layer_sweep(model, tokenizer, settings: EvalSettings, layers: Sequence[int] | None = None,

@@ -56,8 +56,10 @@ def test_eval_settings_parse_validate_and_identity(tiny, data_dir):
 class CountingEvaluator:
     """Measures ``subject * 10 + task index``; remembers every call."""
 
-    def __init__(self, tasks=("a", "b"), version=1):
+    def __init__(self, tasks=("a", "b"), version=1, model="m1"):
         self.tasks, self.version, self.calls = tasks, version, []
+        self.model_identity = {"name": f"models/{model}", "weights": model, "dtype": "float32",
+                               "device": "cpu"}
 
     def identity(self, task):
         return {"version": self.version}
@@ -91,7 +93,9 @@ def test_run_sweep_skips_finished_enters_once_and_returns_its_own_rows(tmp_path)
     other = CountingEvaluator(version=2)
     got2 = run_sweep(rows, other, out)
     assert len(other.calls) == 4 and len(got2) == 4
-    assert all(r["settings"] == {"version": 2} for r in got2)
+    model = {"weights": "m1", "dtype": "float32", "device": "cpu"}
+    assert all(r["settings"] == {"version": 2, "model": model} for r in got2)
+    assert all(r["model_name"] == "models/m1" for r in got2)
     assert len(jsonl(out)) == 8
     # a subset of the sweep returns a subset, in sweep order; finished tasks are not recomputed
     more = CountingEvaluator(tasks=("b", "c"))

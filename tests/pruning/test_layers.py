@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.cli import main
-from pruning_bridge.common.results import ResultsLog
+from pruning_bridge.common.results import ResultsFileWarning, ResultsLog
 from pruning_bridge.evals import EvalSettings
 from pruning_bridge.figures import layer_removal_figure, save_figure
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
@@ -154,11 +154,14 @@ def test_killed_sweep_resumes_to_the_same_rows(tiny, data_dir, tmp_path, monkeyp
     computed = []
     monkeypatch.setattr(ResultsLog, "append",
                         lambda self, row: computed.append(row) or original(self, row))
-    resumed = layer_sweep(model, tok, settings, out=out, chunk=2)
+    with pytest.warns(ResultsFileWarning, match=r"resumed.jsonl, line 5: skipped"):
+        resumed = layer_sweep(model, tok, settings, out=out, chunk=2)
     assert len(computed) == len(full) - 4  # finished rows were not recomputed
     strip = lambda rows: sorted((r["task"], r["config"]["removed"], r["value"]) for r in rows)  # noqa: E731
     assert strip(resumed) == strip(full)
-    assert all(json.loads(line) for line in out.read_text().splitlines())
+    lines = out.read_text().splitlines()  # the torn line is kept, on a line of its own
+    assert lines[4] == '{"method": "layer_removal", "conf'
+    assert all(json.loads(line) for line in lines[:4] + lines[5:])
 
 
 def test_layer_figure(tmp_path):
