@@ -12,7 +12,13 @@ the last *real* token, ``pool="mean"`` the mean over real tokens only (never ove
 carries massive activations, an attention sink, that would dominate the mean; a one-token text
 keeps its token).
 With ``store=path`` the result is saved as safetensors and reloaded on the next call with the
-same settings, texts and model weights (active hooks are not part of that check).
+same settings, texts and model weights (active hooks are not part of that check); a damaged
+store (truncated, garbage, another shape, a failed checksum) is reported in one warning and
+recomputed.
+
+:func:`save_tensors` / :func:`read_tensors` are how the toolkit writes and reads every
+safetensors file it saves: written atomically with a checksum; a file that cannot be used is a
+``UsageError`` naming it, saying what is wrong and what to do.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from pruning_bridge.common import check_layers, left_pad, model_device
 from pruning_bridge.common import UsageError
+from pruning_bridge.common.atomic import atomic_path
 
 from .backend import dims, embedding_weight, run_with_cache
 from .trace_math import pool_batch
@@ -49,6 +56,75 @@ def hook_name(layer: int, hook: str) -> str:
 
 # ---------------------------------------------------------------- storage
 
+CHECKSUM_KEY = "content_sha256"  # in the metadata of every safetensors file the toolkit saves
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """A SHA-256 of named tensors: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor],
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (and string ``metadata``) as safetensors, atomically, with their
+    checksum in the metadata; returns the path."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), CHECKSUM_KEY: tensors_sha256(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def _safetensors_problem(path: Path, error: Exception) -> str:
+    """Why ``path`` cannot be read as safetensors, in a few words (it failed with ``error``)."""
+    if isinstance(error, OSError):
+        return f"unreadable ({error.strerror or error})"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = f.read(min(header_size, size))
+    if not header.startswith(b"{"):
+        return "not a safetensors file" if size else "empty"
+    if size < 8 + header_size:
+        return f"truncated ({size} bytes; its header alone needs {8 + header_size})"
+    try:
+        ends = [entry["data_offsets"][1] for name, entry in json.loads(header).items()
+                if name != "__metadata__"]
+        needed = 8 + header_size + max(ends, default=0)
+    except (ValueError, TypeError, KeyError, IndexError):
+        return "not a safetensors file (its header is damaged)"
+    if size < needed:
+        return f"truncated ({size} of {needed} bytes)"
+    return f"damaged ({error})"
+
+
+def read_tensors(path: str | Path, fix: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file (the checksum checked and left out of the
+    metadata when the file has one). A file that cannot be used is a ``UsageError`` naming it,
+    saying what is wrong (missing, truncated, not safetensors, checksum) and then ``fix``."""
+    path = Path(path)
+
+    def unusable(problem: str) -> UsageError:
+        return UsageError(f"{path} is {problem}." + (f" {fix}" if fix else ""))
+
+    if not path.is_file():
+        raise unusable("a folder" if path.is_dir() else "not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise unusable(_safetensors_problem(path, error)) from None
+    checksum = metadata.pop(CHECKSUM_KEY, None)
+    if checksum is not None and checksum != tensors_sha256(tensors):
+        raise unusable("damaged (its tensors do not match their checksum)")
+    return tensors, metadata
+
 
 def _fingerprint(model, tokenizer, texts: Sequence[str], hook: str, pool: str,
                  layers: list[int], max_length: int) -> dict[str, str]:
@@ -65,17 +141,29 @@ def _fingerprint(model, tokenizer, texts: Sequence[str], hook: str, pool: str,
             "embedding_sha256": weights_hash}
 
 
-def _load_store(path: Path, expected: dict[str, str]) -> Tensor | None:
+def _load_store(path: Path, expected: dict[str, str], shape: tuple[int, ...]) -> Tensor | None:
+    """The residuals stored at ``path`` for these settings, or None (to recompute and
+    overwrite), with one warning when a file is there but damaged or for other settings."""
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        found = f.metadata() or {}
+    recompute = "Recomputing and overwriting it."
+    try:
+        tensors, found = read_tensors(path, recompute)
+    except UsageError as error:
+        warnings.warn(str(error), stacklevel=3)
+        return None
     if found != expected:
         differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
         warnings.warn(f"{path} holds residuals for other settings ({', '.join(differ)} differ); "
                       f"recomputing and overwriting it.", stacklevel=3)
         return None
-    return load_file(str(path))["residuals"]
+    residuals = tensors.get("residuals")
+    if residuals is None or tuple(residuals.shape) != shape or residuals.dtype != torch.float32:
+        found_shape = None if residuals is None else tuple(residuals.shape)
+        warnings.warn(f"{path} does not hold float32 residuals of shape {shape} (found "
+                      f"{found_shape}). {recompute}", stacklevel=3)
+        return None
+    return residuals
 
 
 # ---------------------------------------------------------------- the verb
@@ -107,7 +195,7 @@ def cache_residuals(model, tokenizer, texts: Sequence[str], hook: str = "resid_p
     path = Path(store) if store is not None else None
     if path is not None:
         expected = _fingerprint(model, tokenizer, texts, hook, pool, layers, max_length)
-        stored = _load_store(path, expected)
+        stored = _load_store(path, expected, (len(layers), len(texts), d_model))
         if stored is not None:
             return stored
 
@@ -132,6 +220,5 @@ def cache_residuals(model, tokenizer, texts: Sequence[str], hook: str = "resid_p
         del cache
 
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"residuals": out.contiguous()}, str(path), metadata=expected)
+        save_tensors(path, {"residuals": out}, metadata=expected)
     return out

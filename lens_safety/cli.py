@@ -241,8 +241,9 @@ def _run_report(args: argparse.Namespace) -> int:
         alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
         print(f"{r['edit']:<10}{alpha:>7}{_fmt(r['toxicity_toxic'], '>12.4f')}"
               f"{_fmt(r['toxicity_neutral'], '>14.4f')}{_fmt(r['perplexity'], '>12.3f')}")
-    (out / "report.json").write_text(json.dumps({"probe_study": summary, "sweep": rows},
-                                                indent=2, default=str))
+    from pruning_bridge.common.atomic import write_text_atomic
+    write_text_atomic(out / "report.json", json.dumps({"probe_study": summary, "sweep": rows},
+                                                      indent=2, default=str))
     print("wrote", out / "report.json", *written)
     return 0
 

@@ -5,7 +5,8 @@ one on validation prompts under a budget, and test only that one with the full R
                              model_name="smollm2-135m", probe_study=study)
     print(result.report); result.selected_edit; result.rows   # sweep rows (validation)
 
-Steps (each result is written to ``folder`` as it finishes and reused by a rerun):
+Steps (each result is written to ``folder`` atomically as it finishes and reused by a rerun;
+a damaged one is reported in one warning and recomputed):
 
 1. RealToxicityPrompts split by prompt into train / validation / test (``fractions``, seed).
 2. The scorer's agreement with the Perspective scores stored with the RTP texts.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pruning_bridge.common import JsonDataclass, UsageError
+from pruning_bridge.common.jsonable import read_json
 from pruning_bridge.evals import mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_wikitext2
 
@@ -211,6 +214,23 @@ def examples(report: ProtocolReport, n: int = 5) -> list[dict[str, Any]]:
              "toxicity_after": after.greedy_scores[i]} for i in order[:n]]
 
 
+def _saved_result(path: Path, settings: dict[str, Any]) -> DetoxResult | None:
+    """The result saved at ``path`` if it was computed with ``settings``; None otherwise (a
+    damaged file is reported in one warning)."""
+    rerun = "Rerunning the study and overwriting it."
+    try:
+        saved = read_json(path, rerun)
+        if saved["settings"] != settings:
+            return None
+        return DetoxResult(**saved)
+    except UsageError as error:
+        warnings.warn(str(error), stacklevel=3)
+    except (KeyError, TypeError) as error:
+        problem = f"no key {error}" if isinstance(error, KeyError) else str(error)
+        warnings.warn(f"{path} is not a saved detox study ({problem}). {rerun}", stacklevel=3)
+    return None
+
+
 def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(), *,
                     data_dir=None, folder=None, model_name: str = "model", probe_study=None,
                     progress: bool = True) -> DetoxResult:
@@ -220,9 +240,9 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
     fingerprint = {**asdict(settings), "model": model_name,
                    "data": str(data_dir) if data_dir else "hub"}
     if result_path is not None and result_path.exists():
-        saved = json.loads(result_path.read_text())
-        if saved["settings"] == json.loads(json.dumps(fingerprint)):
-            return DetoxResult(**saved)
+        saved = _saved_result(result_path, json.loads(json.dumps(fingerprint)))
+        if saved is not None:
+            return saved
     seconds, tic = {}, time.perf_counter()
 
     def lap(phase: str) -> None:

@@ -31,12 +31,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from pruning_bridge.common import UsageError
 
+from .caching import read_tensors, save_tensors
 from .probes import as_array, binary_labels, check_data, probe_pipeline
 
 METHODS = ("mean_diff", "probe", "pca")
@@ -114,19 +113,25 @@ def harmful_direction(acts, labels: Sequence, layer: int, method: str = "mean_di
 
 
 def save_direction(path: str | Path, direction: Tensor, **metadata) -> None:
-    """Save a direction with JSON-encoded metadata (e.g. model, hook, layer, method)."""
+    """Save a direction with JSON-encoded metadata (e.g. model, hook, layer, method), atomically."""
     direction = torch.as_tensor(direction).detach().float().cpu().contiguous()
     if direction.ndim != 1:
         raise UsageError(f"A direction is one vector [d_model]; got shape "
                          f"{tuple(direction.shape)}.")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"direction": direction}, str(path),
-              metadata={key: json.dumps(value) for key, value in metadata.items()})
+    save_tensors(path, {"direction": direction},
+                 metadata={key: json.dumps(value) for key, value in metadata.items()})
 
 
 def load_direction(path: str | Path) -> tuple[Tensor, dict]:
-    """``(direction, metadata)`` as saved by :func:`save_direction`."""
-    with safe_open(str(path), framework="pt") as f:
-        direction = f.get_tensor("direction")
-        metadata = {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
-    return direction, metadata
+    """``(direction, metadata)`` as saved by :func:`save_direction`; a file that is missing,
+    damaged or not a saved direction is a ``UsageError`` naming it."""
+    fix = "Save it again with save_direction (or rerun the command that wrote it)."
+    tensors, raw = read_tensors(path, fix)
+    if "direction" not in tensors:
+        raise UsageError(f"{path} is not a saved direction (no 'direction' tensor; it holds "
+                         f"{sorted(tensors)}). {fix}")
+    try:
+        metadata = {key: json.loads(value) for key, value in raw.items()}
+    except json.JSONDecodeError:
+        raise UsageError(f"{path} has damaged metadata (not JSON). {fix}") from None
+    return tensors["direction"], metadata

@@ -16,6 +16,10 @@
 - ``leace``: ``x - P (x - mu)``, the least-squares concept eraser (:mod:`lens_safety.leace`);
 - ``orthogonalize``: the projection baked into every residual writer (all layers, no hooks).
 
+Each layer keeps its own direction, strength and eraser whatever order the layers are given
+in (they are sorted together); negative layers count from the end of the model it is applied
+to.
+
 :meth:`Edit.fit` fits each edited layer's direction (or eraser) on cached activations of two
 class groups, and sets the strength in units of that layer's class gap ``g_L`` (mean projection
 of the positive class minus the negative class): subtract ``alpha = strength * g_L``; clamp
@@ -27,7 +31,6 @@ activations (an attention sink), and moving it wrecks the model.
 from __future__ import annotations
 
 import hashlib
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +38,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pruning_bridge.common import UsageError, check_layers
+from pruning_bridge.common.atomic import write_json_atomic
+from pruning_bridge.common.jsonable import read_json
 
 from .backend import dims, edited_each, residual_hooks
-from .caching import hook_name
+from .caching import hook_name, read_tensors, save_tensors, tensors_sha256
 from .directions import class_labels, harmful_direction
 from .trace_math import clamp_along, leace_erase, project_out, subtract_along
 from .editing import orthogonalize, unit_direction
@@ -55,12 +59,13 @@ STATE_FILE, CONFIG_FILE = "edit.safetensors", "edit.json"
 @dataclass
 class Edit:
     """An edit ready to apply: ``how`` at ``layers`` (and ``hooks``), with one direction (or a
-    LEACE eraser) and one strength (``alpha`` / threshold ``t``) per layer; ``info`` says what
-    it was fitted on (model, data, method, classes, strength in class-gap units)."""
+    LEACE eraser) and one strength (``alpha`` / threshold ``t``) per layer, the i-th for the
+    i-th layer (stored sorted by layer, each with its own); ``info`` says what it was fitted on
+    (model, data, method, classes, strength in class-gap units)."""
 
     how: str
     layers: list[int]
-    directions: Tensor | None = None          # [len(layers), d_model], unit rows
+    directions: Tensor | None = None          # [len(layers), d_model] (or a list), unit rows
     strengths: list[float] | None = None      # alpha (subtract) or t (clamp), per layer
     erasers: list[LeaceEraser] | None = None  # leace, per layer
     hooks: tuple[str, ...] = ("resid_post",)
@@ -73,6 +78,8 @@ class Edit:
         self.layers = [int(layer) for layer in self.layers]
         self.hooks = tuple(self.hooks)
         n = len(self.layers)
+        if self.directions is not None:  # [n, d_model] (or n vectors) -> unit rows
+            self.directions = torch.stack([unit_direction(d, len(d)) for d in self.directions])
         if self.how == "leace":
             if self.erasers is None or len(self.erasers) != n:
                 raise UsageError(f"A leace edit needs one fitted eraser per layer ({n}).")
@@ -85,9 +92,22 @@ class Edit:
         if self.how == "orthogonalize" and n != 1:
             raise UsageError("orthogonalize bakes one direction into every residual writer: "
                              "give exactly one direction (layers=[the layer it came from]).")
+        self._sort_layers()
+
+    def _sort_layers(self) -> None:
+        """Sort ``layers`` and every per-layer value (directions, strengths, erasers) together."""
+        twice = sorted({layer for layer in self.layers if self.layers.count(layer) > 1})
+        if twice:
+            raise UsageError(f"Layer(s) {twice} given more than once in {self.layers}; give "
+                             f"each layer once, with its own direction.")
+        order = sorted(range(len(self.layers)), key=self.layers.__getitem__)
+        self.layers = [self.layers[i] for i in order]
         if self.directions is not None:
-            self.directions = torch.stack([unit_direction(d, d.shape[0])
-                                           for d in torch.as_tensor(self.directions)])
+            self.directions = self.directions[order]
+        if self.strengths is not None:
+            self.strengths = [self.strengths[i] for i in order]
+        if self.erasers is not None:
+            self.erasers = [self.erasers[i] for i in order]
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -186,15 +206,26 @@ class Edit:
             with orthogonalize(model, self.directions[0]):
                 yield model
             return
-        layers = check_layers(self.layers, n_layers)
+        blocks = self.blocks(n_layers)
         available = residual_hooks(model)
         missing = [h for h in self.hooks if h not in available]
         if missing:
             raise UsageError(f"This model has no {missing} hooks; use some of {available}.")
-        edits = {hook_name(layer, hook): self._edit_fn(i)
-                 for i, layer in enumerate(layers) for hook in self.hooks}
+        edits = {hook_name(block, hook): self._edit_fn(i)
+                 for i, block in enumerate(blocks) for hook in self.hooks}
         with edited_each(model, edits, skip_first=self.skip_first):
             yield model
+
+    def blocks(self, n_layers: int) -> list[int]:
+        """The block each of ``layers`` edits in a model of ``n_layers`` blocks (negative
+        layers count from the end); out of range, or one block twice, is a ``UsageError``."""
+        check_layers(self.layers, n_layers)  # OutOfRangeError names the bad ones
+        blocks = [layer % n_layers for layer in self.layers]
+        twice = sorted({block for block in blocks if blocks.count(block) > 1})
+        if twice:
+            raise UsageError(f"Layers {self.layers} edit block(s) {twice} twice in this "
+                             f"{n_layers}-layer model; give each block once.")
+        return blocks
 
     # ---------------------------------------------------------------- describing
     @property
@@ -217,7 +248,8 @@ class Edit:
     def __str__(self) -> str:
         where = (f"L{self.layers[0]}" if len(self.layers) == 1
                  else f"L{self.layers[0]}-{self.layers[-1]}"
-                 if self.layers == list(range(self.layers[0], self.layers[-1] + 1))
+                 if self.layers[0] >= 0
+                 and self.layers == list(range(self.layers[0], self.layers[-1] + 1))
                  else "L" + ",".join(map(str, self.layers)))
         if self.how == "orthogonalize":
             where = "weights"
@@ -240,33 +272,47 @@ class Edit:
         return {"directions": self.directions}
 
     def save(self, folder: str | Path) -> Path:
-        """``edit.safetensors`` (directions or erasers) + ``edit.json`` (everything else)."""
+        """``edit.safetensors`` (directions or erasers) + ``edit.json`` (everything else, and
+        the tensors' checksum), each written atomically."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self._tensors().items()},
-                  str(folder / STATE_FILE))
-        (folder / CONFIG_FILE).write_text(json.dumps(
-            {"how": self.how, "layers": self.layers, "strengths": self.strengths,
-             "hooks": list(self.hooks), "skip_first": self.skip_first, "info": self.info,
-             "summary": str(self)}, indent=1, default=str))
+        tensors = self._tensors()
+        save_tensors(folder / STATE_FILE, tensors)
+        write_json_atomic(folder / CONFIG_FILE,
+                          {"how": self.how, "layers": self.layers, "strengths": self.strengths,
+                           "hooks": list(self.hooks), "skip_first": self.skip_first,
+                           "info": self.info, "summary": str(self),
+                           "state_sha256": tensors_sha256(tensors)}, indent=1, default=str)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "Edit":
-        """The edit saved in ``folder`` by :meth:`save`."""
+        """The edit saved in ``folder`` by :meth:`save`; a missing, damaged or foreign file is
+        a ``UsageError`` naming it and what is wrong."""
         folder = Path(folder)
-        if not (folder / CONFIG_FILE).exists() or not (folder / STATE_FILE).exists():
+        config_path, state_path = folder / CONFIG_FILE, folder / STATE_FILE
+        if not config_path.exists() or not state_path.exists():
             raise UsageError(f"No saved edit in {folder}: expected {CONFIG_FILE} and "
                              f"{STATE_FILE} (written by Edit.save).")
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        tensors = load_file(str(folder / STATE_FILE))
-        erasers = None
-        if config["how"] == "leace":
-            erasers = []
-            for i in range(len(config["layers"])):
-                prefix = f"eraser.{i}."
-                erasers.append(LeaceEraser.from_state_dict(
-                    {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}))
-        return cls(config["how"], config["layers"], directions=tensors.get("directions"),
-                   strengths=config["strengths"], erasers=erasers, hooks=tuple(config["hooks"]),
-                   skip_first=config["skip_first"], info=config["info"])
+        fix = "Save the edit again with Edit.save (or rerun the command that wrote it)."
+        config = read_json(config_path, fix)
+        tensors, _ = read_tensors(state_path, fix)
+        try:
+            checksum = config.get("state_sha256")
+            if checksum is not None and checksum != tensors_sha256(tensors):
+                raise UsageError(f"{STATE_FILE} is not the one saved with {CONFIG_FILE}")
+            erasers = None
+            if config["how"] == "leace":
+                erasers = []
+                for i in range(len(config["layers"])):
+                    prefix = f"eraser.{i}."
+                    erasers.append(LeaceEraser.from_state_dict(
+                        {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}))
+            return cls(config["how"], config["layers"], directions=tensors.get("directions"),
+                       strengths=config["strengths"], erasers=erasers,
+                       hooks=tuple(config["hooks"]), skip_first=config["skip_first"],
+                       info=config["info"])
+        except KeyError as error:
+            problem = f"{config_path.name} has no key {error}"
+        except (AttributeError, TypeError, ValueError) as error:  # UsageError is a ValueError
+            problem = str(error).rstrip(".")
+        raise UsageError(f"{folder} is not a usable saved edit ({problem}). {fix}")

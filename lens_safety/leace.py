@@ -29,12 +29,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from pruning_bridge.common import OutOfRangeError, UsageError
 
+from .caching import read_tensors, save_tensors
 from .trace_math import leace_erase
 from .probes import as_array, binary_labels, check_data
 from .prompts import LABELS
@@ -199,20 +198,26 @@ class LeaceEraser:
         return eraser
 
     def save(self, path: str | Path, **metadata) -> None:
-        """Save as safetensors, with the classes and any ``metadata`` JSON-encoded."""
+        """Save as safetensors (atomically), with the classes and any ``metadata``
+        JSON-encoded."""
         classes = None if self.classes_ is None else self.classes_.tolist()
         meta = {"classes": classes, **metadata}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict(), str(path),
-                  metadata={key: json.dumps(value) for key, value in meta.items()})
+        save_tensors(path, self.state_dict(),
+                     metadata={key: json.dumps(value) for key, value in meta.items()})
 
     @classmethod
     def load(cls, path: str | Path) -> "LeaceEraser":
-        """An eraser saved by :meth:`save` (its other metadata is in ``metadata_``)."""
-        with safe_open(str(path), framework="pt") as f:
-            state = {key: f.get_tensor(key) for key in f.keys()}
-            meta = {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
-        eraser = cls.from_state_dict(state)
+        """An eraser saved by :meth:`save` (its other metadata is in ``metadata_``); a file
+        that is missing, damaged or not a saved eraser is a ``UsageError`` naming it."""
+        fix = "Save the eraser again with LeaceEraser.save (or rerun what wrote it)."
+        state, raw = read_tensors(path, fix)
+        try:
+            meta = {key: json.loads(value) for key, value in raw.items()}
+            eraser = cls.from_state_dict(state)
+        except (json.JSONDecodeError, UsageError) as error:
+            problem = ("damaged metadata" if isinstance(error, json.JSONDecodeError)
+                       else str(error).rstrip("."))
+            raise UsageError(f"{path} is not a usable saved eraser ({problem}). {fix}") from None
         classes = meta.pop("classes", None)
         eraser.classes_ = None if classes is None else np.asarray(classes)
         eraser.metadata_ = meta

@@ -14,12 +14,13 @@ split comes from this one object, so no caller rebuilds it with its own constant
 
 A folder holds ``probe_study.json`` (settings and scores), ``prompts.json`` (the split),
 ``acts_{train,test}_{hook}_{pool}.safetensors`` (residuals, reused by a rerun with the same
-model and prompts) and ``direction_{hook}_L{layer}_{method}.safetensors``.
+model and prompts; a damaged one is recomputed) and
+``direction_{hook}_L{layer}_{method}.safetensors``, each written atomically. ``load`` turns a
+damaged or foreign file into one ``UsageError`` naming it.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,15 +28,17 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-from safetensors.torch import load_file, save_file
+import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 from torch import Tensor
 
+from pruning_bridge.common.atomic import write_json_atomic
 from pruning_bridge.common.errors import UsageError
+from pruning_bridge.common.jsonable import read_json
 from pruning_bridge.common.layers import check_layers
 from pruning_bridge.evals.tasks import data_source
 
-from .caching import cache_residuals
+from .caching import cache_residuals, read_tensors, save_tensors
 from .directions import harmful_direction, load_direction, save_direction
 from .figures import projection_histogram
 from .probes import LayerProbes, binary_labels
@@ -43,6 +46,8 @@ from .prompts import LABELS, Prompt, PromptSet
 
 SUMMARY_FILE = "probe_study.json"
 PROMPTS_FILE = "prompts.json"
+SCORES = ("chance_binary", "chance_three", "cv_binary", "cv_three_class", "held_out_binary",
+          "held_out_projection_auroc", "mean_projection")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,21 @@ def _acts_path(folder: Path | None, split: str, settings: ProbeSettings) -> Path
     if folder is None:
         return None
     return folder / f"acts_{split}_{settings.hook}_{settings.pool}.safetensors"
+
+
+def _not_saved(path: Path, what: str, error: Exception, fix: str) -> UsageError:
+    """The error for a readable ``path`` that does not hold ``what`` (it failed with ``error``)."""
+    problem = f"no key {error}" if isinstance(error, KeyError) else str(error).rstrip(".")
+    return UsageError(f"{path} is not {what} ({problem}). {fix}")
+
+
+def _holds(path: Path, acts: Tensor) -> bool:
+    """Whether ``path`` is a readable residuals file holding exactly ``acts``."""
+    try:
+        stored = read_tensors(path, "")[0].get("residuals")
+    except UsageError:  # missing or damaged
+        return False
+    return stored is not None and torch.equal(stored, acts)
 
 
 def _held_out_scores(binary: LayerProbes, test: PromptSet, test_acts: Tensor,
@@ -173,39 +193,46 @@ class ProbeStudy:
         if not prompts_path.is_file():
             raise UsageError(f"{prompts_path} not found: {folder} was written by an older "
                              f"version; rerun the probe study into it.")
-        saved = json.loads(summary_path.read_text())
-        settings = ProbeSettings(**{f.name: saved[f.name] for f in fields(ProbeSettings)})
-        records = json.loads(prompts_path.read_text())
-        split = {name: PromptSet(Prompt(r["text"], r["label"], r["source"], r["group"])
-                                 for r in records if r["split"] == name)
-                 for name in ("train", "test")}
+        fix = f"Rerun the probe study into {folder} (lens-safety probe --out {folder})."
+        saved = read_json(summary_path, fix)
+        records = read_json(prompts_path, fix)
+        try:
+            settings = ProbeSettings(**{f.name: saved[f.name] for f in fields(ProbeSettings)})
+            model_name, data = saved["model"], saved["data"]
+            best_layer, direction_file = int(saved["best_layer"]), saved["direction_file"]
+            scores = {k: saved[k] for k in SCORES}
+        except (KeyError, TypeError, ValueError) as error:
+            raise _not_saved(summary_path, "a probe study's summary", error, fix) from None
+        try:
+            split = {name: PromptSet(Prompt(r["text"], r["label"], r["source"], r["group"])
+                                     for r in records if r["split"] == name)
+                     for name in ("train", "test")}
+        except (KeyError, TypeError, ValueError) as error:
+            raise _not_saved(prompts_path, "a probe study's prompt split", error, fix) from None
         acts = {}
         for name, prompts in split.items():
             path = _acts_path(folder, name, settings)
             if not path.is_file():
                 raise UsageError(f"{path} not found (the probe study stores its activations "
                                  f"there); rerun the probe study into {folder}.")
-            acts[name] = load_file(str(path))["residuals"]
-            if acts[name].shape[1] != len(prompts):
-                raise UsageError(f"{path} holds {acts[name].shape[1]} rows for the "
-                                 f"{len(prompts)} {name} prompts of {prompts_path}; rerun the "
-                                 f"probe study into {folder}.")
-        direction, _ = load_direction(folder / saved["direction_file"])
-        scores = {k: saved[k] for k in ("chance_binary", "chance_three", "cv_binary",
-                                        "cv_three_class", "held_out_binary",
-                                        "held_out_projection_auroc", "mean_projection")}
-        return cls(saved["model"], settings, saved["data"], split["train"], split["test"],
-                   acts["train"], acts["test"], int(saved["best_layer"]), direction, scores,
-                   folder)
+            acts[name] = read_tensors(path, fix)[0].get("residuals")
+            if acts[name] is None or acts[name].ndim != 3 or acts[name].shape[1] != len(prompts):
+                found = "no residuals" if acts[name] is None else \
+                    f"residuals of shape {tuple(acts[name].shape)}"
+                raise UsageError(f"{path} holds {found}, not [n_layers, {len(prompts)}, "
+                                 f"d_model] for the {name} prompts of {prompts_path}. {fix}")
+        direction, _ = load_direction(folder / direction_file)
+        return cls(model_name, settings, data, split["train"], split["test"], acts["train"],
+                   acts["test"], best_layer, direction, scores, folder)
 
     def save(self, folder) -> Path:
-        """Write the study to ``folder`` (see the module doc); returns the folder."""
+        """Write the study to ``folder`` (see the module doc), each file atomically; returns the
+        folder."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         for split, acts in (("train", self.train_acts), ("test", self.test_acts)):
             path = _acts_path(folder, split, self.settings)
-            if not path.exists():  # ``build`` wrote it with its fingerprint: keep that one
-                save_file({"residuals": acts.contiguous()}, str(path))
+            if not _holds(path, acts):  # ``build`` wrote it with its fingerprint: keep that one
+                save_tensors(path, {"residuals": acts})
         save_direction(folder / self.direction_file, self.direction, model=self.model_name,
                        hook=self.settings.hook, layer=self.best_layer,
                        method=self.settings.method)
@@ -213,9 +240,9 @@ class ProbeStudy:
                     "group": p.group}
                    for split, prompts in (("train", self.train), ("test", self.test))
                    for p in prompts]
-        (folder / PROMPTS_FILE).write_text(json.dumps(records, indent=1))
+        write_json_atomic(folder / PROMPTS_FILE, records, indent=1)
         self.folder = folder
-        (folder / SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=2))
+        write_json_atomic(folder / SUMMARY_FILE, self.summary(), indent=2)
         return folder
 
     # ------------------------------------------------------------ what callers need

@@ -25,7 +25,6 @@ follow the toolkit's protocols, for cross-checks; see that package.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..bridge import HookBridge
+from ..common.atomic import write_json_atomic
 from ..common.errors import UsageError
 from ..common.tokens import left_pad, model_device, position_ids
 from .lm import _accepts, context_length, cut_at_stop
@@ -443,14 +443,12 @@ def evaluate_with_lm_eval(model, tokenizer: PreTrainedTokenizerBase | None = Non
 
 
 def write_results(results: dict, path: str | Path) -> Path:
-    """lm-eval's results as JSON (what cannot be serialised becomes text, as lm-eval does)."""
+    """lm-eval's results as JSON (what cannot be serialised becomes text, as lm-eval does),
+    written atomically."""
     from lm_eval.utils import handle_non_serializable
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=handle_non_serializable,
-                               ensure_ascii=False))
-    return path
+    return write_json_atomic(path, results, indent=1, default=handle_non_serializable,
+                             ensure_ascii=False)
 
 
 def results_table(results: dict) -> str:
