@@ -5,7 +5,9 @@ with Block Influence (Figure 1), magnitude vs Wanda weight pruning (Figure 2), a
 training run with head importance and routed vs removed heads (Figure 3), and the safety study
 (probes per layer, the harmful direction, projection ablation evaluated). Results are written
 to ``results/<model>/`` as they finish and reused when rerun, so an interrupted run resumes
-where it stopped; figures and ``report.html`` go to ``figures/``.
+where it stopped; figures and ``report.html`` go to ``figures/``. Each stage's seconds and peak
+memory are saved in ``results/run_<preset>.json`` as it ends (also when interrupted), and the
+report's run time adds up every run that computed part of the results.
 
     python examples/reproduce_report.py --data-dir ../shared/data            # SmolLM2, ~15 min CPU
     python examples/reproduce_report.py --preset report --device cuda --dtype bfloat16
@@ -17,8 +19,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from lens_safety import ProbeSettings, ProbeStudy
 from lens_safety.detox import DetoxSettings, run_detox_study
@@ -27,9 +31,12 @@ from lens_safety.prompts import load_crows_pairs, load_toxigen
 from lens_safety.rtp import load_rtp
 from lens_safety.stats import format_interval
 from pruning_bridge.bridge import HookBridge
+from pruning_bridge.common.atomic import write_json_atomic
+from pruning_bridge.common.errors import UsageError
 from pruning_bridge.common.figures import save_figure
-from pruning_bridge.common.memory import PeakMemory
+from pruning_bridge.common.jsonable import read_json
 from pruning_bridge.common.report import Section, package_versions, write_report
+from pruning_bridge.common.run_record import RunRecord
 from pruning_bridge.evals import EvalResult, EvalSettings, gsm8k_accuracy, mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_gsm8k, load_mmlu, load_wikitext2
 from pruning_bridge.evals.tasks import WIKITEXT_TEST
@@ -45,6 +52,7 @@ from pruning_bridge.pruning.layers import block_influence
 from pruning_bridge.pruning.weight_sweep import (REPORT_SPARSITIES, calibration_texts,
                                                  weight_sweep)
 
+T = TypeVar("T")
 SMOL = "smollm2-135m"
 PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the report's (GPU)
     "default": dict(compress_model=SMOL, head_models=[SMOL], safety_model=SMOL,
@@ -131,12 +139,41 @@ def folder(out: Path, model: str) -> Path:
     return path
 
 
-def cached(path: Path, compute) -> EvalResult:
-    """Reuse a finished result from ``path``; otherwise compute it and write it at once."""
-    if path.exists():
-        return EvalResult.from_json(path)
-    result = compute()
-    result.to_json(path)
+def recompute_warning(problem: str) -> None:
+    """One line on stderr: a file this job saved is damaged and is computed again."""
+    print(f"warning: {problem}; computing it again.", file=sys.stderr)
+
+
+def read_saved(path: Path, load: Callable[[Any], T]) -> T | None:
+    """``load`` applied to the JSON this job saved in ``path``; None if there is none, or (with
+    a one-line warning) if the file is damaged or ``load`` rejects what it holds."""
+    if not path.exists():
+        return None
+    try:
+        return load(read_json(path))
+    except UsageError as error:  # unreadable or not JSON
+        recompute_warning(str(error).rstrip("."))
+    except (TypeError, KeyError, ValueError, IndexError) as error:
+        recompute_warning(f"{path} does not hold what this job saved there ({error})")
+    return None
+
+
+def eval_result(saved: Any) -> EvalResult:
+    if not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+    result = EvalResult(**saved)
+    if not isinstance(result.value, (int, float)):
+        raise ValueError(f"value {result.value!r} is not a number")
+    return result
+
+
+def cached(path: Path, compute: Callable[[], EvalResult]) -> EvalResult:
+    """Reuse a finished result from ``path`` (a damaged one is recomputed, with a warning);
+    otherwise compute it and write it at once (atomically)."""
+    result = read_saved(path, eval_result)
+    if result is None:
+        result = compute()
+        result.to_json(path)
     return result
 
 
@@ -183,16 +220,26 @@ def layers(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
     rows = layer_sweep(model, tokenizer, sweep_settings(p, p["layer_tasks"], data_dir),
                        out=out / "layer_sweep.jsonl")
     influence_path = out / "block_influence.json"
-    if not influence_path.exists():
+    n_layers = model.config.num_hidden_layers
+
+    def load(saved: dict) -> tuple[list[float], dict[str, float]]:
+        influence, correlations = saved["block_influence"], saved["spearman_vs_damage"]
+        if not (isinstance(influence, list) and len(influence) == n_layers
+                and isinstance(correlations, dict)):
+            raise ValueError(f"not {n_layers} layers' influence and correlations")
+        return influence, correlations
+
+    saved = read_saved(influence_path, load)
+    if saved is None:
         text = load_wikitext2("test", data_dir)
         paragraphs = [t for t in text.split("\n\n") if len(t) > 200][:16]
         influence = block_influence(model, tokenizer, paragraphs, max_length=256)
         correlations = {t: rank_correlation(influence, rows, t)
                         for t in sorted({r["task"] for r in rows})}
-        influence_path.write_text(json.dumps({"block_influence": influence,
-                                              "spearman_vs_damage": correlations}, indent=2))
-    saved = json.loads(influence_path.read_text())
-    influence, correlations = saved["block_influence"], saved["spearman_vs_damage"]
+        write_json_atomic(influence_path, {"block_influence": influence,
+                                           "spearman_vs_damage": correlations}, indent=2)
+    else:
+        influence, correlations = saved
     by = {(r["task"], tuple(r["config"]["removed"])): r["value"] for r in rows}
     tasks = sorted({r["task"] for r in rows})
     table = [{"removed layer": "none" if not k else k[0],
@@ -464,41 +511,40 @@ def main(argv=None) -> Path:
                           data_checks(args.data_dir), dtype, args.device, plan(p))
         print(check.render())
         check.raise_if_missing()
+    settings = {"preset": args.preset, "dtype": dtype or "float32",
+                "device": args.device or "cpu", **p}
+    data = str(Path(args.data_dir).resolve()) if args.data_dir else "Hugging Face hub"
+    record = RunRecord.begin(out / f"run_{args.preset}.json", {**settings, "data": data})
     start = time.perf_counter()
     models = Models(dtype, args.device)
-    sections, timings, memory = [], {}, {}
-    for stage in (baseline, layers, weights, heads, attention, safety):
-        tic = time.perf_counter()
-        kw = {} if stage is baseline else {"figures": figures}
-        with PeakMemory() as peak:
-            sections += stage(models, p, args.data_dir, out, **kw)
-        timings[stage.__name__] = round(time.perf_counter() - tic, 1)
-        memory[stage.__name__] = peak.to_dict()
-        print(f"[{stage.__name__}] {timings[stage.__name__]:.0f} s, {peak.summary()}")
-    wall = time.perf_counter() - start
-    # a resumed run is quick: keep each stage's longest run, the time its computing took
-    record = out / f"stage_seconds_{args.preset}.json"
-    longest = json.loads(record.read_text()) if record.exists() else {}
-    longest = {k: max(v, longest.get(k, 0.0)) for k, v in timings.items()}
-    record.write_text(json.dumps(longest))
+    sections, completed = [], False
+    try:
+        for stage in (baseline, layers, weights, heads, attention, safety):
+            kw = {} if stage is baseline else {"figures": figures}
+            with record.stage(stage.__name__) as peak:
+                sections += stage(models, p, args.data_dir, out, **kw)
+            print(f"[{stage.__name__}] {peak.seconds:.0f} s, {peak.summary()}")
+        completed = True
+    finally:
+        wall = time.perf_counter() - start
+        record.end(wall, completed)
+    sections.append(Section(
+        "Run time and peak memory",
+        f"What these results cost, per stage and per run (the notes at the top say how the "
+        f"times add up). The record, saved as each stage ends, is {record.path}.",
+        tables=[("per stage", record.stage_rows()), ("runs", record.run_rows())]))
     used = dict.fromkeys([p["compress_model"], *p["head_models"], p["safety_model"]])
-    provenance = {"models": list(used), "data": str(Path(args.data_dir).resolve())
-                  if args.data_dir else "Hugging Face hub", **package_versions(),
+    provenance = {"models": list(used), "data": data, **package_versions(),
                   "results": str(out.resolve())}
     path = write_report(
         figures / "report.html", sections, title="From Layers to Latents: the report, reproduced",
-        settings={"preset": args.preset, "dtype": dtype or "float32",
-                  "device": args.device or "cpu", **p, "stage seconds (this run)": timings,
-                  "stage peak memory (this run)": memory,
-                  "stage seconds (longest run of each)": longest},
-        provenance=provenance, run_time_s=sum(longest.values()),
-        notes=f"Every number below was computed by this run or an earlier, interrupted run "
-              f"with the same settings (finished results are reused from the results folder). "
-              f"The run time is the sum over stages of each stage's longest run; this run took "
-              f"{wall:.0f} s.")
-    (out / f"stage_memory_{args.preset}.json").write_text(json.dumps(memory))
-    print(f"\nstage seconds: {timings}\nwall time: {wall:.1f} s\nwrote {path} "
-          f"({path.stat().st_size / 1e6:.1f} MB)")
+        settings=settings, provenance=provenance, run_time_s=record.total_seconds,
+        runs=len(record.runs),
+        notes=f"Every number below was computed by this run or earlier runs with the same "
+              f"settings (finished results are reused from the results folder). "
+              f"{record.notes(wall)}")
+    print(f"\ncompute time {record.total_seconds:.1f} s over {len(record.runs)} run(s); this "
+          f"run's wall time {wall:.1f} s\nwrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return path
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from pruning_bridge.common.report import format_duration
 from pruning_bridge.common.results import ResultsLog
 
 # the package re-exports functions with these modules' names, so import the modules themselves
-head_study = importlib.import_module("pruning_bridge.heads.study")
+training = importlib.import_module("pruning_bridge.heads.training")
 layer_sweep = importlib.import_module("pruning_bridge.pruning.layer_sweep")
 tasks = importlib.import_module("pruning_bridge.evals.tasks")
 
@@ -33,7 +34,7 @@ def forbid(*_, **__):
 
 
 def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, data_dir,
-                                                                    monkeypatch):
+                                                                    monkeypatch, capsys):
     job = load_job()
     out, figures = tmp_path / "results", tmp_path / "figures"
     argv = ["--preset", "smoke", "--data-dir", str(data_dir), "--out", str(out),
@@ -53,7 +54,20 @@ def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, d
         job.main(argv)
     first_rows = jsonl(sweep_file)
     assert len(first_rows) == 3
-    finished = {p: p.read_bytes() for p in out.rglob("*.json*")}
+    # the run record saved each stage as it ended, and the interrupted one's partial seconds
+    record_file = out / "run_smoke.json"
+    attempts = json.loads(record_file.read_text())["attempts"]
+    assert [(a["stage"], a["run"], a["finished"], a["error"]) for a in attempts] == [
+        ("baseline", 1, True, None), ("layers", 1, True, None), ("weights", 1, True, None),
+        ("heads", 1, False, "KeyboardInterrupt")]
+    assert all(a["seconds"] > 0 and a["peak_rss_gib"] > 0 for a in attempts)
+    # a damaged cache of the job's own is recomputed with a one-line warning
+    influence_file = out / "tiny-llama" / "block_influence.json"
+    influence = json.loads(influence_file.read_text())["block_influence"]
+    influence_file.write_text('{"block_influence": [0.1,')
+    capsys.readouterr()
+    finished = {p: p.read_bytes() for p in out.rglob("*.json*")
+                if p not in (record_file, influence_file)}
 
     # 2. Resumed: nothing finished runs again; only the missing head-sweep rows are computed.
     monkeypatch.undo()
@@ -62,10 +76,15 @@ def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, d
                         lambda *a, **k: resumed.append(a[2]) or real(*a, **k))
     for task in list(layer_sweep.REUSABLE):
         monkeypatch.setitem(layer_sweep.REUSABLE, task, forbid)
-    monkeypatch.setattr(head_study, "train_router", forbid)
+    monkeypatch.setattr(training, "lm_loss", forbid)  # a router training step
     monkeypatch.setattr(job, "mmlu_accuracy", forbid)
     monkeypatch.setattr(job, "gsm8k_accuracy", forbid)
     report = job.main(argv)
+    warned = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("warning:")]
+    assert warned == [f"warning: {influence_file} is not valid JSON, truncated or damaged "
+                      f"(Expecting value at line 1); computing it again."]
+    assert json.loads(influence_file.read_text())["block_influence"] == pytest.approx(influence)
 
     rows = jsonl(sweep_file)
     # full + (routed, removed) x 3 fractions, each on MMLU and perplexity
@@ -86,6 +105,15 @@ def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, d
                   "expected_max_toxicity", "scorer agreement with Perspective"):
         assert title in html
     assert "src=\"http" not in html and "Provenance" in html and "total run time" in html
+    # the run time adds up both runs: every attempt of run 1, and the stages run 2 finished
+    saved = json.loads(record_file.read_text())
+    run1 = sum(a["seconds"] for a in saved["attempts"] if a["run"] == 1)
+    run2 = sum(a["seconds"] for a in saved["attempts"]
+               if a["run"] == 2 and a["stage"] in ("heads", "attention", "safety"))
+    assert [r["outcome"] for r in saved["runs"]] == ["stopped in heads (KeyboardInterrupt)",
+                                                     "completed"]
+    assert f"total run time {format_duration(run1 + run2)} over 2 runs (resumed)" in html
+    assert "Resumed: this report combines 2 runs" in html
     for stem in ("figure1_layer_removal", "figure2_weight_pruning", "figure3_head_importance",
                  "figure3_head_sweep", "attention_heads", "attention_head_summary",
                  "safety_probes", "safety_projection_histogram", "safety_pareto"):

@@ -3,6 +3,7 @@
     with PeakMemory() as mem:
         run_stage()
     print(mem.summary())      # "peak RSS 5.21 GiB (+2.02 GiB), CUDA peak 3.90 GiB"
+    mem.seconds               # how long the block ran (also when it raised)
 
 The resident set is sampled by a background thread (every ``interval`` seconds), so a spike
 shorter than that can be missed; CUDA's peak is torch's own exact counter, reset on entry.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import psutil
 import torch
@@ -20,14 +22,15 @@ GiB = 2 ** 30
 
 
 class PeakMemory:
-    """Peak resident set size (bytes) of this process while the block runs, and the CUDA peak
-    allocation (bytes, None without CUDA)."""
+    """Peak resident set size (bytes) of this process while the block runs, the CUDA peak
+    allocation (bytes, None without CUDA), and the block's duration (``seconds``)."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
         self.process = psutil.Process()
         self.base = self.peak = 0
         self.cuda_peak: int | None = None
+        self.seconds = 0.0
         self._stop = threading.Event()
 
     def _rss(self) -> int:
@@ -45,9 +48,11 @@ class PeakMemory:
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
+        self._tic = time.perf_counter()
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.seconds = time.perf_counter() - self._tic
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._rss())

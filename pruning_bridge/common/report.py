@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import platform
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
+from .atomic import write_text_atomic
 from .figures import post_script
 
 Rows = Sequence[Mapping[str, Any]] | pd.DataFrame
@@ -154,11 +154,12 @@ def _key_value_rows(values: Mapping[str, Any]) -> list[dict[str, str]]:
 
 def write_report(path: str | Path, sections: Sequence[Section], *, title: str,
                  settings: Mapping[str, Any], provenance: Mapping[str, Any],
-                 run_time_s: float | None = None, notes: str = "") -> Path:
+                 run_time_s: float | None = None, runs: int = 1, notes: str = "") -> Path:
     """Write the report to ``path`` (atomically, creating folders) and return the path.
 
     ``settings`` are the run's parameters, ``provenance`` the model, data files and package
-    versions (see ``package_versions``); both become key/value tables at the end.
+    versions (see ``package_versions``); both become key/value tables at the end. ``run_time_s``
+    is shown in the header, with "over N runs (resumed)" when ``runs`` is more than one.
     """
     taken = {"settings", "provenance"}
     anchors = [_slug(s.title, taken) for s in sections]
@@ -167,6 +168,8 @@ def write_report(path: str | Path, sections: Sequence[Section], *, title: str,
     meta = f"Generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
     if run_time_s is not None:
         meta += f" · total run time {format_duration(run_time_s)}"
+        if runs > 1:
+            meta += f" over {runs} runs (resumed)"
     page = "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -188,12 +191,4 @@ def write_report(path: str | Path, sections: Sequence[Section], *, title: str,
         table_html(_key_value_rows(provenance)),
         "</section>\n</body>\n</html>\n",
     ])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, page)

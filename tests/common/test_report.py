@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import plotly.offline
 import pytest
 
-from pruning_bridge import report
+from pruning_bridge.common import atomic
 from pruning_bridge.common.report import Section, format_duration, package_versions, write_report
 
 EVIL = "<script>alert(1)</script>"
@@ -174,6 +174,18 @@ def test_header_and_toc(written):
                                    "settings", "provenance"]
 
 
+def test_header_says_a_resumed_run_was_resumed(tmp_path):
+    def header(**kw):
+        text = write_report(tmp_path / "r.html", [], title="t", settings={}, provenance={},
+                            **kw).read_text()
+        return re.search(r'<p class="meta">(.*?)</p>', text).group(1)
+
+    assert header(run_time_s=79.4, runs=2).endswith("total run time 1 min 19 s over 2 runs "
+                                                     "(resumed)")
+    assert header(run_time_s=79.4).endswith("total run time 1 min 19 s")
+    assert "run time" not in header(runs=2)
+
+
 def test_atomic_write(tmp_path, monkeypatch):
     path = tmp_path / "r.html"
     path.write_text("old")
@@ -185,7 +197,7 @@ def test_atomic_write(tmp_path, monkeypatch):
     def fail(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError):
         write_report(path, [], title="t", settings={}, provenance={})
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no tmp, old report intact
