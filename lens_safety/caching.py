@@ -35,11 +35,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pruning_bridge.common import check_layers, left_pad, model_device
-from pruning_bridge.common import UsageError
+from pruning_bridge.common import UsageError, check_layers, left_pad, model_device
 from pruning_bridge.common.atomic import atomic_path
+from pruning_bridge.common.identity import model_identity
 
-from .backend import dims, embedding_weight, run_with_cache
+from .backend import dims, run_with_cache
 from .trace_math import pool_batch
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
@@ -128,17 +128,14 @@ def read_tensors(path: str | Path, fix: str) -> tuple[dict[str, Tensor], dict[st
 
 def _fingerprint(model, tokenizer, texts: Sequence[str], hook: str, pool: str,
                  layers: list[int], max_length: int) -> dict[str, str]:
-    """What a stored cache must match: settings, texts, tokenizer and the embedding weights."""
+    """What a stored cache must match: settings, texts, tokenizer and the model (a fingerprint
+    of all its weights, its dtype and device class: a pruned or edited copy is another model)."""
     texts_hash = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
-    if getattr(model, "remote", None) not in (None, "simulate"):  # weights on a server
-        weights_hash = "remote:" + model.lm.to_model_key()
-    else:
-        embed = embedding_weight(model)
-        weights_hash = hashlib.sha256(embed.detach().float().cpu().numpy().tobytes()).hexdigest()
+    model_key = {k: v for k, v in model_identity(model).items() if k != "name"}
     return {"hook": hook, "pool": pool, "layers": json.dumps(layers),
             "max_length": str(max_length), "n_texts": str(len(texts)), "texts_sha256": texts_hash,
             "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
-            "embedding_sha256": weights_hash}
+            "model": json.dumps(model_key, sort_keys=True)}
 
 
 def _load_store(path: Path, expected: dict[str, str], shape: tuple[int, ...]) -> Tensor | None:

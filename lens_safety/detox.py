@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pruning_bridge.common import JsonDataclass, UsageError
+from pruning_bridge.common.identity import model_identity
 from pruning_bridge.common.jsonable import read_json
 from pruning_bridge.evals import mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_wikitext2
@@ -237,7 +238,8 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
     """The study (see the module doc) on ``model`` (a HookBridge or HookedTransformer)."""
     folder = None if folder is None else Path(folder)
     result_path = None if folder is None else folder / "detox_study.json"
-    fingerprint = {**asdict(settings), "model": model_name,
+    identity = {k: v for k, v in model_identity(model).items() if k != "name"}
+    fingerprint = {**asdict(settings), "model": model_name, "model_identity": identity,
                    "data": str(data_dir) if data_dir else "hub"}
     if result_path is not None and result_path.exists():
         saved = _saved_result(result_path, json.loads(json.dumps(fingerprint)))

@@ -20,10 +20,8 @@ prompts, and every before/after difference a paired one.
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pruning_bridge.common import JsonDataclass, UsageError, model_device
+from pruning_bridge.common.jsonable import read_json
 
 from .backend import as_lm, is_bridge
 from .stats import bootstrap_interval, format_interval, paired_difference, relative_change
@@ -229,11 +228,17 @@ class ProtocolReport(JsonDataclass):
 
     @classmethod
     def from_json(cls, path) -> "ProtocolReport":
-        """A report written by ``to_json``, runs included."""
-        data = json.loads(Path(path).read_text())
-        for side in ("before", "after"):
-            data[side] = {k: ProtocolRun(**v) for k, v in data[side].items()}
-        return cls(**data)
+        """A report written by ``to_json``, runs included (a damaged file is a ``UsageError``
+        naming it)."""
+        fix = "Rerun the protocol that wrote it (lens-safety rtp --out ...)."
+        data = read_json(path, fix)
+        try:
+            for side in ("before", "after"):
+                data[side] = {k: ProtocolRun(**v) for k, v in data[side].items()}
+            return cls(**data)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise UsageError(f"{path} is not a saved protocol report ({type(error).__name__}: "
+                             f"{error}). {fix}") from None
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per (prompt set, metric) for tables."""

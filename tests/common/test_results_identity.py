@@ -199,3 +199,37 @@ def test_router_folder_retrains_when_settings_or_model_change(tiny, tmp_path):
         train(m=perturbed(model), steps=3, lr=0.1)
     saved = json.loads((out / "training_log.json").read_text())["settings"]
     assert saved["model"]["weights"] == model_identity(perturbed(model))["weights"]
+
+
+# ---------------------------------------------------------------- cached residuals know the model
+
+
+def test_cached_residuals_of_a_pruned_copy_are_not_reused(tiny, tmp_path):
+    from lens_safety.caching import cache_residuals
+    from pruning_bridge.bridge import HookBridge
+
+    model, tok = tiny("tiny-llama")
+    texts = ["the cat sat on the mat", "a second text, longer than the first one"]
+    store = tmp_path / "acts.safetensors"
+    first = cache_residuals(HookBridge(model, tok), tok, texts, store=store, progress=False)
+    pruned = copy.deepcopy(model)  # same embedding, last layer changed
+    with torch.no_grad():
+        pruned.model.layers[-1].mlp.down_proj.weight.zero_()
+    with pytest.warns(UserWarning, match="other settings \\(model differ"):
+        got = cache_residuals(HookBridge(pruned, tok), tok, texts, store=store, progress=False)
+    expected = cache_residuals(HookBridge(pruned, tok), tok, texts, progress=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got[-1], first[-1])
+
+
+def test_a_damaged_protocol_report_is_one_usage_error(tmp_path):
+    from lens_safety.protocol import ProtocolReport
+    from pruning_bridge.common.errors import UsageError
+
+    path = tmp_path / "protocol.json"
+    path.write_text('{"before": {"toxic": ')
+    with pytest.raises(UsageError, match="protocol.json is not valid JSON"):
+        ProtocolReport.from_json(path)
+    path.write_text('{"summary": {}}')
+    with pytest.raises(UsageError, match="not a saved protocol report"):
+        ProtocolReport.from_json(path)
