@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import sys
 import time
@@ -34,12 +35,13 @@ from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common.atomic import write_json_atomic
 from pruning_bridge.common.errors import UsageError
 from pruning_bridge.common.figures import save_figure
+from pruning_bridge.common.identity import model_identity
 from pruning_bridge.common.jsonable import read_json
 from pruning_bridge.common.report import Section, package_versions, write_report
 from pruning_bridge.common.run_record import RunRecord
 from pruning_bridge.evals import EvalResult, EvalSettings, gsm8k_accuracy, mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_gsm8k, load_mmlu, load_wikitext2
-from pruning_bridge.evals.tasks import WIKITEXT_TEST
+from pruning_bridge.evals.tasks import WIKITEXT_TEST, data_source
 from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
                                     layer_removal_figure, router_loss_figure, weight_pruning_figure)
 from pruning_bridge.head_view import attention_figure, head_summary_figure
@@ -167,12 +169,18 @@ def eval_result(saved: Any) -> EvalResult:
     return result
 
 
-def cached(path: Path, compute: Callable[[], EvalResult]) -> EvalResult:
-    """Reuse a finished result from ``path`` (a damaged one is recomputed, with a warning);
+def cached(path: Path, compute: Callable[[], EvalResult], key: dict) -> EvalResult:
+    """Reuse a finished result from ``path`` if it was computed for ``key`` (the model's
+    identity and the settings; a damaged or foreign one is recomputed, with a warning);
     otherwise compute it and write it at once (atomically)."""
+    key = json.loads(json.dumps(key, default=str))
     result = read_saved(path, eval_result)
+    if result is not None and result.settings.get("key") != key:
+        recompute_warning(f"{path} was computed for another model or other settings")
+        result = None
     if result is None:
         result = compute()
+        result.settings["key"] = key
         result.to_json(path)
     return result
 
@@ -186,16 +194,24 @@ def baseline(models: Models, p: dict, data_dir, out: Path) -> list[Section]:
         return perplexity(model, tokenizer, load_wikitext2("test", data_dir), window=p["window"],
                           max_windows=p["windows"], text_name=WIKITEXT_TEST)
 
+    identity = {k: v for k, v in model_identity(model).items() if k != "name"}
+    data = data_source(data_dir)
     results = [
         cached(out / "baseline_mmlu.json",
-               lambda: mmlu_accuracy(model, tokenizer, limit=p["mmlu"], data_dir=data_dir)),
+               lambda: mmlu_accuracy(model, tokenizer, limit=p["mmlu"], data_dir=data_dir),
+               {"model": identity, "limit": p["mmlu"], "data": data}),
         cached(out / "baseline_gsm8k.json",
                lambda: gsm8k_accuracy(model, tokenizer, limit=p["gsm8k"], data_dir=data_dir,
-                                      max_new_tokens=p["gsm8k_tokens"])),
-        cached(out / "baseline_perplexity.json", ppl),
+                                      max_new_tokens=p["gsm8k_tokens"]),
+               {"model": identity, "limit": p["gsm8k"], "max_new_tokens": p["gsm8k_tokens"],
+                "data": data}),
+        cached(out / "baseline_perplexity.json", ppl,
+               {"model": identity, "window": p["window"], "windows": p["windows"],
+                "data": data}),
     ]
     rows = [{"task": r.task, "metric": r.metric, "value": r.value,
-             "settings": {k: v for k, v in r.settings.items() if k != "n"}} for r in results]
+             "settings": {k: v for k, v in r.settings.items() if k not in ("n", "key")}}
+            for r in results]
     print(f"\nBaseline of {name}")
     for row in rows:
         print(f"{row['task']:<12}{row['metric']:<12}{row['value']:>10.4f}  "
@@ -221,12 +237,19 @@ def layers(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
                        out=out / "layer_sweep.jsonl")
     influence_path = out / "block_influence.json"
     n_layers = model.config.num_hidden_layers
+    # computed for this model and data, and correlated with these very rows
+    key = {"model": {k: v for k, v in model_identity(model).items() if k != "name"},
+           "data": data_source(data_dir), "rows": hashlib.sha256(json.dumps(
+               [[r["task"], r["config"]["removed"], r["value"]] for r in rows]).encode()
+           ).hexdigest()[:16]}
 
     def load(saved: dict) -> tuple[list[float], dict[str, float]]:
         influence, correlations = saved["block_influence"], saved["spearman_vs_damage"]
         if not (isinstance(influence, list) and len(influence) == n_layers
                 and isinstance(correlations, dict)):
             raise ValueError(f"not {n_layers} layers' influence and correlations")
+        if saved.get("key") != key:
+            raise ValueError("computed for another model, other data or other sweep rows")
         return influence, correlations
 
     saved = read_saved(influence_path, load)
@@ -237,7 +260,8 @@ def layers(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
         correlations = {t: rank_correlation(influence, rows, t)
                         for t in sorted({r["task"] for r in rows})}
         write_json_atomic(influence_path, {"block_influence": influence,
-                                           "spearman_vs_damage": correlations}, indent=2)
+                                           "spearman_vs_damage": correlations, "key": key},
+                          indent=2)
     else:
         influence, correlations = saved
     by = {(r["task"], tuple(r["config"]["removed"])): r["value"] for r in rows}

@@ -125,3 +125,25 @@ def test_unknown_preset_is_refused(capsys):
         load_job().main(["--preset", "huge"])
     assert "invalid choice" in capsys.readouterr().err
 
+
+
+def test_baseline_results_are_reused_only_for_the_same_model_and_settings(tmp_path, capsys):
+    from pruning_bridge.evals import EvalResult
+
+    job = load_job()
+    path, computed = tmp_path / "baseline_mmlu.json", []
+
+    def compute(value):
+        def run():
+            computed.append(value)
+            return EvalResult("mmlu", "accuracy", value, {"limit": 4})
+        return run
+
+    model_a = {"model": {"weights": "aaaa", "dtype": "float32", "device": "cpu"}, "limit": 4}
+    model_b = {**model_a, "model": {**model_a["model"], "dtype": "bfloat16"}}
+    assert job.cached(path, compute(0.25), model_a).value == 0.25
+    assert job.cached(path, compute(0.5), model_a).value == 0.25 and computed == [0.25]
+    assert job.cached(path, compute(0.5), model_b).value == 0.5  # another dtype: recomputed
+    assert "computed for another model or other settings" in capsys.readouterr().err
+    assert job.cached(path, compute(0.75), {**model_b, "limit": 8}).value == 0.75
+    assert computed == [0.25, 0.5, 0.75]

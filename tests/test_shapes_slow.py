@@ -315,8 +315,8 @@ def test_rehearsal_preset_runs_every_stage(tmp_path, data_dir):
                          str(tmp_path / "figures")])
     assert path.exists()
 
-    seconds = json.loads((tmp_path / "results" / "stage_seconds_rehearsal.json").read_text())
-    memory = json.loads((tmp_path / "results" / "stage_memory_rehearsal.json").read_text())
-    assert set(seconds) == set(memory) == {"baseline", "layers", "weights", "heads",
-                                           "attention", "safety"}
-    print("\n[true size] rehearsal stages:", seconds, memory)
+    record = json.loads((tmp_path / "results" / "run_rehearsal.json").read_text())
+    attempts = record["attempts"]
+    assert {a["stage"] for a in attempts} == {"baseline", "layers", "weights", "heads",
+                                              "attention", "safety"}
+    print("\n[true size] rehearsal stages:", attempts)
