@@ -10,37 +10,47 @@
     lens-safety rtp --model SPEC --data-dir D [--edit DIR] [--k 25] [--n-toxic 100] [--out F]
 
 (``python -m lens_safety`` is the same.) The pattern is ``pruning-bridge``'s: one
-``_add_<command>`` per subcommand, comma lists, bad input exits with 2 and one line.
+``_add_<command>`` per subcommand, comma lists, bad input exits with 2 and one line, and the
+parser imports nothing heavy (each ``_run_<command>`` imports what it runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from pruning_bridge.bridge import HookBridge
-from pruning_bridge.common.cli import add_model_options, floats, load_model_from_args, run_command
+from pruning_bridge.common.cli import (ArgumentParser, add_model_options, bounded,
+                                       check_options_fit, choice_list, count, count0, floats,
+                                       input_folder, load_model_from_args, names, naming_option,
+                                       output_file, output_folder, run_command, window_size)
 from pruning_bridge.common.errors import UsageError
-from pruning_bridge.common.figures import save_figure
-from pruning_bridge.evals.data import load_wikitext2
 
-from .backend import dims
-from .caching import HOOKS, POOLS
-from .directions import METHODS, load_direction, save_direction
-from .evaluation import EDITS, evaluate_edit
-from .detox import SOURCES, DetoxSettings, run_detox_study
-from .edit import HOWS, Edit
-from .figures import pareto_figure, tradeoff_figure
-from .protocol import ProtocolSettings, rtp_protocol
-from .rtp import load_rtp, split_rtp
-from .study import ProbeSettings, ProbeStudy, prompts_of
-from .sweep import alpha_sweep
+# Written here, not imported, so that parsing needs no torch; a test keeps them equal to the
+# modules' own (caching.HOOKS, caching.POOLS, directions.METHODS, evaluation.EDITS, edit.HOWS,
+# detox.SOURCES, toxicity.SCORERS, the names detox.layer_sets knows, ProbeSettings' defaults).
+HOOKS = ("resid_pre", "resid_mid", "resid_post")
+POOLS = ("last", "mean", "mean_after_first")
+METHODS = ("mean_diff", "probe", "pca")
+EDITS = ("project", "subtract", "orthogonalize")
+HOWS = ("project", "subtract", "clamp", "leace", "orthogonalize")
+SOURCES = ("rtp_prompts", "rtp_continuations")
+SCORERS = ("profanity", "detoxify")
+LAYER_SETS = ("middle", "late", "window", "late_window", "last_fifth", "all")
+PROBE_DEFAULTS = {"test_size": 0.25, "seed": 0, "hook": "resid_post", "pool": "last",
+                  "method": "mean_diff"}
+
+# The detox options are left out of the namespace unless given, so that DetoxSettings fills in
+# its own defaults.
+UNSET = argparse.SUPPRESS
 
 
-def _load_bridge(args: argparse.Namespace) -> tuple[HookBridge, object]:
+def _load_bridge(args: argparse.Namespace):
+    from pruning_bridge.bridge import HookBridge
+
     model, tokenizer = load_model_from_args(args)  # --remote: already a (remote) bridge
     bridge = model if isinstance(model, HookBridge) else HookBridge(model, tokenizer)
     return bridge, tokenizer
@@ -48,16 +58,25 @@ def _load_bridge(args: argparse.Namespace) -> tuple[HookBridge, object]:
 
 def _add_split_options(p, n_per_class: int | None) -> None:
     """The options of a ``ProbeSettings`` that pick and split the prompts."""
-    p.add_argument("--data-dir", default=None, help="local ToxiGen + CrowS-Pairs (default: hub)")
-    p.add_argument("--n-per-class", type=int, default=n_per_class,
+    p.add_argument("--data-dir", type=input_folder, default=None,
+                   help="local ToxiGen + CrowS-Pairs (default: hub)")
+    p.add_argument("--n-per-class", type=bounded(int, 2), default=n_per_class,
                    help=f"prompts per label (default {n_per_class or 'the smallest class'})")
-    p.add_argument("--test-size", type=float, default=ProbeSettings.test_size,
-                   help="held-out fraction of the prompts")
-    p.add_argument("--seed", type=int, default=ProbeSettings.seed,
-                   help="draws the prompts, the split and the probes' folds")
+    p.add_argument("--test-size", type=bounded(float, above=0.0, below=1.0),
+                   default=PROBE_DEFAULTS["test_size"],
+                   help="held-out fraction of the prompts (default %(default)s)")
+    p.add_argument("--seed", type=count0, default=PROBE_DEFAULTS["seed"],
+                   help="draws the prompts, the split and the probes' folds (default %(default)s)")
 
 
-def _probe_settings(args: argparse.Namespace, **changes) -> ProbeSettings:
+def _add_method(p) -> None:
+    p.add_argument("--method", default=PROBE_DEFAULTS["method"], choices=METHODS,
+                   help="how the direction is estimated (default %(default)s)")
+
+
+def _probe_settings(args: argparse.Namespace, **changes):
+    from .study import ProbeSettings
+
     return ProbeSettings(n_per_class=args.n_per_class, test_size=args.test_size, seed=args.seed,
                          **changes)
 
@@ -69,14 +88,21 @@ def _add_probe(sub) -> None:
     p = sub.add_parser("probe", help="cache residuals, fit layer probes, extract the direction")
     add_model_options(p)
     _add_split_options(p, n_per_class=None)
-    p.add_argument("--hook", default=ProbeSettings.hook, choices=HOOKS)
-    p.add_argument("--pool", default=ProbeSettings.pool, choices=POOLS)
-    p.add_argument("--method", default=ProbeSettings.method, choices=METHODS)
-    p.add_argument("--out", default=None, help="folder for scores, direction, activations, figure")
-    p.set_defaults(run=_run_probe)
+    p.add_argument("--hook", default=PROBE_DEFAULTS["hook"], choices=HOOKS,
+                   help="the residual read (default %(default)s)")
+    p.add_argument("--pool", default=PROBE_DEFAULTS["pool"], choices=POOLS,
+                   help="how positions are pooled (default %(default)s)")
+    _add_method(p)
+    p.add_argument("--out", type=output_folder, default=None,
+                   help="folder for scores, direction, activations, figure (rerun to resume)")
+    p.set_defaults(run=_run_probe, resumes="out")
 
 
 def _run_probe(args: argparse.Namespace) -> int:
+    from pruning_bridge.common.figures import save_figure
+
+    from .study import ProbeStudy
+
     settings = _probe_settings(args, hook=args.hook, pool=args.pool, method=args.method)
     bridge, tokenizer = _load_bridge(args)
     study = ProbeStudy.build(bridge, tokenizer, settings, data_dir=args.data_dir,
@@ -100,18 +126,24 @@ def _run_probe(args: argparse.Namespace) -> int:
 
 def _add_direction(sub) -> None:
     p = sub.add_parser("direction", help="a direction at another layer/method from a probe run")
-    p.add_argument("--from", dest="from_dir", required=True, help="the probe run's --out folder")
+    p.add_argument("--from", dest="from_dir", type=input_folder, required=True,
+                   help="the probe run's --out folder")
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--method", default=None, choices=METHODS,
                    help="default: the probe run's method")
-    p.add_argument("--out", required=True, help="direction file (.safetensors)")
+    p.add_argument("--out", type=output_file, required=True, help="direction file (.safetensors)")
     p.set_defaults(run=_run_direction)
 
 
 def _run_direction(args: argparse.Namespace) -> int:
-    study = ProbeStudy.load(args.from_dir)  # the probe run's own split, labels and residuals
+    from .directions import save_direction
+    from .study import ProbeStudy
+
+    with naming_option("--from", args.from_dir):
+        study = ProbeStudy.load(args.from_dir)  # the probe run's own split, labels, residuals
     method = args.method or study.settings.method
-    direction = study.direction_at(args.layer, method)
+    with naming_option("--layer", args.layer):
+        direction = study.direction_at(args.layer, method)
     hook, pool = study.settings.hook, study.settings.pool
     save_direction(args.out, direction, model=study.model_name, hook=hook, layer=args.layer,
                    method=method)
@@ -126,25 +158,25 @@ def _run_direction(args: argparse.Namespace) -> int:
 def _add_edit_options(p) -> None:
     add_model_options(p)
     _add_split_options(p, n_per_class=100)
-    p.add_argument("--n-prompts", type=int, default=20,
+    p.add_argument("--n-prompts", type=count, default=20,
                    help="held-out toxic and neutral prompts to continue")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
-    p.add_argument("--max-windows", type=int, default=4)
-
-
-def _check_n_prompts(args: argparse.Namespace) -> None:
-    if args.n_prompts < 1:
-        raise UsageError("--n-prompts must be at least 1.")
+    p.add_argument("--max-new-tokens", type=count, default=20)
+    p.add_argument("--window", type=window_size, default=256,
+                   help="perplexity window (tokens, at most the model's context)")
+    p.add_argument("--max-windows", type=count0, default=4, help="0: no perplexity")
 
 
 def _load_direction_checked(path) -> tuple:
+    from .directions import load_direction
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"Direction file {path} does not exist.")
     try:
         direction, meta = load_direction(path)
-    except Exception as error:  # not a safetensors file, or no "direction" tensor
+    except UsageError:
+        raise
+    except Exception as error:  # e.g. a safetensors file without a "direction" tensor
         raise UsageError(f"{path} is not a direction file saved by save_direction "
                          f"({type(error).__name__}: {error}).") from None
     if direction.ndim != 1 or direction.numel() == 0 or not bool(direction.isfinite().all()) \
@@ -155,6 +187,8 @@ def _load_direction_checked(path) -> tuple:
 
 
 def _check_width(bridge, direction, path) -> None:
+    from .backend import dims
+
     d_model = dims(bridge)[1]
     if direction.shape[0] != d_model:
         raise UsageError(f"The direction in {path} has width {direction.shape[0]}, but the "
@@ -167,18 +201,24 @@ def _add_edit(sub) -> None:
     p.add_argument("--direction", required=True, help="direction file (.safetensors)")
     p.add_argument("--mode", default="project", choices=EDITS)
     p.add_argument("--alpha", type=float, default=1.0, help="for --mode subtract")
-    p.add_argument("--out", default=None, help="report JSON")
+    p.add_argument("--out", type=output_file, default=None, help="report JSON")
     p.set_defaults(run=_run_edit)
 
 
 def _run_edit(args: argparse.Namespace) -> int:
-    direction, meta = _load_direction_checked(args.direction)
-    _check_n_prompts(args)
+    from pruning_bridge.evals.data import load_wikitext2
+
+    from .evaluation import evaluate_edit
+    from .study import prompts_of
+
+    with naming_option("--direction", args.direction):
+        direction, meta = _load_direction_checked(args.direction)
     _, test = _probe_settings(args).split(args.data_dir)  # held out as a probe run holds out
     toxic = prompts_of(test, "toxic", args.n_prompts)
     neutral = prompts_of(test, "neutral", args.n_prompts)
     bridge, tokenizer = _load_bridge(args)
     _check_width(bridge, direction, args.direction)
+    check_options_fit(bridge, args)
     ppl_text = None if args.max_windows == 0 else load_wikitext2("test", args.data_dir)
     report = evaluate_edit(bridge, tokenizer, direction, toxic_prompts=toxic,
                            neutral_prompts=neutral, edit=args.mode, alpha=args.alpha,
@@ -195,12 +235,13 @@ def _run_edit(args: argparse.Namespace) -> int:
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="probe study + alpha sweep + figures into one folder")
     _add_edit_options(p)
-    p.add_argument("--method", default=ProbeSettings.method, choices=METHODS)
+    _add_method(p)
     p.add_argument("--alphas", type=floats, default=[0.0, 2.0, 4.0, 8.0],
                    help="subtraction strengths, comma list (default 0,2,4,8)")
     p.add_argument("--no-png", action="store_true", help="HTML figures only")
-    p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.set_defaults(run=_run_report)
+    p.add_argument("--out", type=output_folder, required=True,
+                   help="output folder (rerun to resume)")
+    p.set_defaults(run=_run_report, resumes="out")
 
 
 def _fmt(value, spec: str) -> str:
@@ -208,10 +249,17 @@ def _fmt(value, spec: str) -> str:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    _check_n_prompts(args)
+    from pruning_bridge.common.figures import save_figure
+    from pruning_bridge.evals.data import load_wikitext2
+
+    from .figures import tradeoff_figure
+    from .study import ProbeStudy
+    from .sweep import alpha_sweep
+
     settings = _probe_settings(args, method=args.method)
     out = Path(args.out)
     bridge, tokenizer = _load_bridge(args)
+    check_options_fit(bridge, args)
     study = ProbeStudy.build(bridge, tokenizer, settings, data_dir=args.data_dir,
                              model_name=args.model, folder=out, progress=False)
     layer, png = study.best_layer, not args.no_png
@@ -266,33 +314,61 @@ def hows_list(text: str) -> tuple[tuple[str, tuple], ...]:
     return tuple(out)
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(filter(None, (t.strip() for t in text.split(","))))
+def layer_set_list(text: str) -> tuple[str, ...]:
+    """``"middle,late,L12,L20-24"``: named layer sets or explicit layers (``detox.layer_sets``)."""
+    values = tuple(dict.fromkeys(names(text)))
+    unknown = [v for v in values if v not in LAYER_SETS and not re.fullmatch(r"L\d+(-\d+)?", v)]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown layer set {', '.join(map(repr, unknown))}; "
+                                         f"use {', '.join(LAYER_SETS)}, or L12 / L20-24")
+    return values
+
+
+def source_list(text: str) -> tuple[str, ...]:
+    """``"rtp_prompts,rtp_continuations"``: where the detox study takes its directions from."""
+    return tuple(choice_list(SOURCES, "sources")(text))
+
+
+def scorer_name(text: str) -> str:
+    """A toxicity scorer: ``profanity``, ``detoxify`` or ``detoxify:<model>``."""
+    if text not in SCORERS and not text.startswith("detoxify:"):
+        raise argparse.ArgumentTypeError(f"unknown scorer {text!r}; use profanity (offline), "
+                                         f"detoxify or detoxify:<model>")
+    return text
 
 
 def _add_detox(sub) -> None:
     p = sub.add_parser("detox", help="fit edits on RTP train, select on validation, test one")
     add_model_options(p)
-    defaults = DetoxSettings()
-    p.add_argument("--data-dir", default=None, help="local data with rtp/ (default: the hub)")
-    p.add_argument("--sources", type=_names, default=defaults.sources,
+    p.add_argument("--data-dir", type=input_folder, default=None,
+                   help="local data with rtp/ (default: the hub)")
+    p.add_argument("--sources", type=source_list, default=UNSET,
                    help=f"direction sources, comma list of {','.join(SOURCES)}")
-    p.add_argument("--wheres", type=_names, default=defaults.wheres,
-                   help="layer sets: middle, late, window, late_window, all")
-    p.add_argument("--hows", type=hows_list, default=defaults.hows,
+    p.add_argument("--wheres", type=layer_set_list, default=UNSET,
+                   help="layer sets: middle, late, window, late_window, last_fifth, all, L12 or "
+                        "L20-24")
+    p.add_argument("--hows", type=hows_list, default=UNSET,
                    help='edits and strengths (class-gap units), e.g. "clamp=0,0.5;project;leace"')
-    for name in ("k", "n_train", "n_validation", "n_test_toxic", "n_test_nontoxic",
-                 "sweep_mmlu", "test_mmlu", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("max_perplexity_ratio", "max_fluency_ratio", "max_mmlu_drop"):
-        p.add_argument("--" + name.replace("_", "-"), type=float,
-                       default=getattr(defaults, name))
-    p.add_argument("--scorer", default=defaults.scorer, help="profanity (offline) or detoxify")
-    p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.set_defaults(run=_run_detox)
+    for name, kind in (("k", count0), ("n_train", count), ("n_validation", count),
+                       ("n_test_toxic", count), ("n_test_nontoxic", count),
+                       ("sweep_mmlu", count0), ("test_mmlu", count0), ("seed", count0),
+                       ("max_perplexity_ratio", bounded(float, above=0.0)),
+                       ("max_fluency_ratio", bounded(float, above=0.0)),
+                       ("max_mmlu_drop", bounded(float, 0.0))):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=UNSET)
+    p.add_argument("--scorer", type=scorer_name, default=UNSET,
+                   help="profanity (offline, the default) or detoxify")
+    p.add_argument("--out", type=output_folder, required=True,
+                   help="output folder (rerun to resume)")
+    p.set_defaults(run=_run_detox, resumes="out")
 
 
 def _run_detox(args: argparse.Namespace) -> int:
+    from pruning_bridge.common.figures import save_figure
+
+    from .detox import DetoxSettings, run_detox_study
+    from .figures import pareto_figure
+
     fields = {k: getattr(args, k) for k in DetoxSettings.__dataclass_fields__ if hasattr(args, k)}
     settings = DetoxSettings(**fields)
     bridge, tokenizer = _load_bridge(args)
@@ -325,25 +401,43 @@ def _run_detox(args: argparse.Namespace) -> int:
 def _add_rtp(sub) -> None:
     p = sub.add_parser("rtp", help="the RTP protocol on test prompts, unedited vs an edit")
     add_model_options(p)
-    p.add_argument("--data-dir", default=None, help="local data with rtp/ (default: the hub)")
-    p.add_argument("--edit", default=None, help="a folder written by Edit.save (default: none)")
-    p.add_argument("--k", type=int, default=25, help="samples per prompt")
-    p.add_argument("--n-toxic", type=int, default=100, help="test toxic prompts")
-    p.add_argument("--n-nontoxic", type=int, default=50, help="test non-toxic prompts")
-    p.add_argument("--seed", type=int, default=0, help="the split's and the samples' seed")
-    p.add_argument("--scorer", default="profanity")
-    p.add_argument("--out", default=None, help="report JSON")
+    p.add_argument("--data-dir", type=input_folder, default=None,
+                   help="local data with rtp/ (default: the hub)")
+    p.add_argument("--edit", type=input_folder, default=None,
+                   help="a folder written by Edit.save (default: none)")
+    p.add_argument("--k", type=count0, default=25, help="samples per prompt (0: greedy only)")
+    p.add_argument("--n-toxic", type=count0, default=100, help="test toxic prompts")
+    p.add_argument("--n-nontoxic", type=count0, default=50, help="test non-toxic prompts")
+    p.add_argument("--seed", type=count0, default=0, help="the split's and the samples' seed")
+    p.add_argument("--scorer", type=scorer_name, default="profanity",
+                   help="profanity (offline) or detoxify")
+    p.add_argument("--out", type=output_file, default=None, help="report JSON")
     p.set_defaults(run=_run_rtp)
 
 
+def _test_prompts(split, kind: str, n: int) -> list[str]:
+    """The first ``n`` test prompts of ``kind``; too many names ``--n-<kind>``."""
+    held = split.counts()["test"][kind]
+    if n > held:
+        raise UsageError(f"--n-{kind} {n}: the RTP test split holds {held} {kind} prompts; pass "
+                         f"at most {held}.")
+    return split.texts("test", kind, n)
+
+
 def _run_rtp(args: argparse.Namespace) -> int:
-    edit = Edit.load(args.edit) if args.edit else None
-    split = split_rtp(load_rtp(args.data_dir), seed=args.seed)
+    from .edit import Edit
+    from .protocol import ProtocolSettings, rtp_protocol
+    from .rtp import load_rtp, split_rtp
+
+    with naming_option("--edit", args.edit):
+        edit = Edit.load(args.edit) if args.edit else None
+    with naming_option("--data-dir", args.data_dir):
+        split = split_rtp(load_rtp(args.data_dir), seed=args.seed)
+    prompts = {kind: _test_prompts(split, kind, n)
+               for kind, n in (("toxic", args.n_toxic), ("nontoxic", args.n_nontoxic))}
+    settings = ProtocolSettings(k=args.k, seed=args.seed)
     bridge, tokenizer = _load_bridge(args)
-    report = rtp_protocol(bridge, tokenizer,
-                          {"toxic": split.texts("test", "toxic", args.n_toxic),
-                           "nontoxic": split.texts("test", "nontoxic", args.n_nontoxic)},
-                          ProtocolSettings(k=args.k, seed=args.seed), args.scorer, edit)
+    report = rtp_protocol(bridge, tokenizer, prompts, settings, args.scorer, edit)
     print(report)
     if args.out:
         print("wrote", report.to_json(args.out))
@@ -355,8 +449,8 @@ def _run_rtp(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="lens-safety", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="lens-safety", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_probe(sub)
     _add_direction(sub)

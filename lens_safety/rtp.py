@@ -117,11 +117,16 @@ def parse_record(record: Any, where: str, kind: str | None = None) -> RtpPrompt:
 
 def _read_jsonl(path: Path, kind: str | None = None) -> Iterator[RtpPrompt]:
     """The records of a JSONL file in order (blank lines skipped)."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}, line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"{where}: not UTF-8 text (byte {error.start + 1} of the line "
+                                 f"cannot be decoded); save the file as UTF-8.") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

@@ -2,36 +2,47 @@
 
 Subpackages: ``bridge`` (HookBridge and the architecture table), ``evals`` (data, MMLU, GSM8K,
 perplexity), ``pruning`` (layers and weights), ``heads`` (routing, importance, removal) and
-``common`` (results log, figures, report). Everything public is re-exported here.
+``common`` (results log, figures, report). Everything public is re-exported here, imported on
+first use (a module ``__getattr__``), so that ``pruning-bridge --help`` starts without torch.
 """
 
-# The deprecated modules named like the sweep functions load first, so that the functions below
-# keep these attribute names (importing a submodule later would rebind them to the module).
-from . import head_sweep, layer_sweep, weight_sweep  # noqa: F401  isort: skip
-from .bridge import (ARCHITECTURES, ActivationCache, HookBridge, UnknownHookError,
-                     UnsupportedArchitectureError, architecture_of, model_dims)
-from .common import ResultsLog, UsageError, save_figure
-from .evals import (DataNotFoundError, EvalResult, EvalSettings, GSM8KProblem, MMLUQuestion,
-                    evaluate, gsm8k_accuracy, load_gsm8k, load_mmlu, load_wikitext2,
-                    mmlu_accuracy, mmlu_subset, perplexity)
-from .heads import (HeadRouter, HeadStudy, RoutedHeads, RouterTrainingError, RouterTrainingLog,
-                    gradient_head_importance, head_counts, head_sweep, heads_to_remove,
-                    load_balancing_loss, load_head_pruned, mean_gate_importance, remove_heads,
-                    run_head_study, train_router)
-from .models import ModelLoadError, load_model
-from .pruning import (SparsityReport, block_influence, drop_layers, input_norms, layer_sweep,
-                      magnitude_prune, nm_prune, prune_permanently, skip_layers, sparsity_report,
-                      wanda_prune, weight_sweep)
+from importlib import import_module
 
-__all__ = [
-    "ARCHITECTURES", "ActivationCache", "DataNotFoundError", "EvalResult", "EvalSettings",
-    "GSM8KProblem", "HeadRouter", "HeadStudy", "HookBridge", "MMLUQuestion", "ModelLoadError",
-    "ResultsLog", "RoutedHeads", "RouterTrainingError", "RouterTrainingLog", "SparsityReport",
-    "UnknownHookError", "UnsupportedArchitectureError", "UsageError", "architecture_of",
-    "block_influence", "drop_layers", "evaluate", "gradient_head_importance", "gsm8k_accuracy",
-    "head_counts", "head_sweep", "heads_to_remove", "input_norms", "layer_sweep",
-    "load_balancing_loss", "load_gsm8k", "load_head_pruned", "load_mmlu", "load_model",
-    "load_wikitext2", "magnitude_prune", "mean_gate_importance", "mmlu_accuracy", "mmlu_subset",
-    "model_dims", "nm_prune", "perplexity", "prune_permanently", "remove_heads", "run_head_study",
-    "save_figure", "skip_layers", "sparsity_report", "train_router", "wanda_prune", "weight_sweep",
-]
+# The deprecated modules named like the sweep functions load now and their names are dropped:
+# ``pruning_bridge.layer_sweep`` is then the function (from ``__getattr__``), and a later
+# ``import pruning_bridge.layer_sweep`` finds the module loaded and cannot rebind the name.
+from . import head_sweep, layer_sweep, weight_sweep  # noqa: F401  isort: skip
+
+del head_sweep, layer_sweep, weight_sweep
+
+_EXPORTS = {
+    "bridge": ("ARCHITECTURES", "ActivationCache", "HookBridge", "UnknownHookError",
+               "UnsupportedArchitectureError", "architecture_of", "model_dims"),
+    "common": ("ResultsLog", "UsageError", "save_figure"),
+    "evals": ("DataNotFoundError", "EvalResult", "EvalSettings", "GSM8KProblem", "MMLUQuestion",
+              "evaluate", "gsm8k_accuracy", "load_gsm8k", "load_mmlu", "load_wikitext2",
+              "mmlu_accuracy", "mmlu_subset", "perplexity"),
+    "heads": ("HeadRouter", "HeadStudy", "RoutedHeads", "RouterTrainingError",
+              "RouterTrainingLog", "gradient_head_importance", "head_counts", "head_sweep",
+              "heads_to_remove", "load_balancing_loss", "load_head_pruned",
+              "mean_gate_importance", "remove_heads", "run_head_study", "train_router"),
+    "models": ("ModelLoadError", "load_model"),
+    "pruning": ("SparsityReport", "block_influence", "drop_layers", "input_norms", "layer_sweep",
+                "magnitude_prune", "nm_prune", "prune_permanently", "skip_layers",
+                "sparsity_report", "wanda_prune", "weight_sweep"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

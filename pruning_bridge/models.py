@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM,
                           AutoTokenizer, GPT2Config, GPT2TokenizerFast, GPTNeoXConfig,
                           LlamaConfig, MistralConfig, PretrainedConfig, PreTrainedModel,
@@ -275,8 +276,70 @@ def load_head_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
     return model
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    return (path / "config.json").exists() or any(path.glob("*.gguf"))
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
+
+
+def check_checkpoint_dir(path: str | os.PathLike) -> None:
+    """A ``ModelLoadError`` naming the file when the folder ``path`` cannot be loaded: its
+    ``config.json`` is not a JSON object with a ``model_type``, it has no weights, or a
+    safetensors file is truncated or not one (only headers are read: cheap for any size)."""
+    path = Path(path)
+    resave = f"save the model again with model.save_pretrained('{path}'), or download it again"
+    config_file = path / "config.json"
+    if config_file.exists():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelLoadError(f"{config_file} is not valid JSON ({error}); {resave}.") from None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ModelLoadError(f"{config_file} has no 'model_type' (not a transformers model "
+                                 f"config); {resave}.")
+    elif not any(path.glob("*.gguf")):
+        raise ModelLoadError(f"{path} is a directory but not a model checkpoint: it has no "
+                             f"config.json (save one with model.save_pretrained(dir)).")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ModelLoadError(f"{path} has a config.json but no weights (model.safetensors, "
+                             f"pytorch_model.bin or a .gguf file); {resave}.")
+    for index in path.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{index} is not a readable weight index (JSON with a "
+                                 f"'weight_map'); {resave}.") from None
+        missing = sorted(shard for shard in shards if not (path / shard).is_file())
+        if missing:
+            raise ModelLoadError(f"{index} lists weight files that are missing: "
+                                 f"{', '.join(missing)}; {resave}.")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelLoadError(f"{file} is truncated or not a safetensors file ({error}); "
+                                 f"{resave}.") from None
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """A ``UsageError`` when ``device`` is not a device here: an unknown name, CUDA without a
+    visible GPU, a GPU index beyond the visible ones, or MPS where it is not available."""
+    if device is None or str(device) == "auto":
+        return
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or "
+                         f"auto.") from None
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            raise UsageError("no CUDA device is visible here (torch.cuda.is_available() is "
+                             "False); run on the CPU, the default.")
+        if device.index is not None and device.index >= visible:
+            raise UsageError(f"only {visible} CUDA device(s) are visible (cuda:0 .. "
+                             f"cuda:{visible - 1}).")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("Apple's MPS backend is not available here; run on the CPU, the "
+                         "default.")
 
 
 def _from_pretrained(source: str | Path, dtype, device, **kwargs):
@@ -314,6 +377,7 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = None,
     ``AutoTokenizer.from_pretrained(DIR)`` where the files are at hand.
     """
     dtype = resolve_dtype(dtype)
+    check_device(device)
     device_map = "auto" if str(device) == "auto" else None
     if device_map:
         device = None
@@ -328,9 +392,7 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = None,
     elif name == SMOLLM2:
         model, tokenizer = _from_pretrained(smollm2_checkpoint(), dtype, device_map)
     elif path.is_dir():
-        if not _is_checkpoint_dir(path):
-            raise ModelLoadError(f"{path} is a directory but not a model checkpoint: it has no "
-                                 f"config.json (save one with model.save_pretrained(dir)).")
+        check_checkpoint_dir(path)
         gguf = sorted(p.name for p in path.glob("*.gguf"))
         kwargs = {"gguf_file": gguf[0]} if gguf and not (path / "config.json").exists() else {}
         model, tokenizer = _from_pretrained(path, dtype, device_map, **kwargs)

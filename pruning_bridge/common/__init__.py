@@ -1,15 +1,33 @@
-"""Plumbing both packages share: results log, JSON dataclasses, tokens, figures, the report."""
+"""Plumbing both packages share: results log, JSON dataclasses, tokens, figures, the report.
+
+The names below are imported on first use (a module ``__getattr__``), so that the command
+lines, which need ``common.cli`` and ``common.errors`` to parse their arguments, start without
+torch, pandas or plotly.
+"""
+
+from importlib import import_module
 
 from .errors import OutOfRangeError, UsageError
-from .figures import save_figure
-from .jsonable import JsonDataclass
-from .layers import check_layers
-from .report import Section, package_versions, write_report
-from .results import ResultsLog, row_key
-from .sweep import Prepared, SweepRow, run_sweep
-from .tokens import encode_batch, left_pad, left_padding, model_device, position_ids
 
-__all__ = ["JsonDataclass", "OutOfRangeError", "Prepared", "ResultsLog", "Section", "SweepRow",
-           "UsageError", "check_layers", "encode_batch", "left_pad", "left_padding",
-           "model_device", "package_versions", "position_ids", "row_key", "run_sweep",
-           "save_figure", "write_report"]
+_EXPORTS = {
+    "save_figure": "figures", "JsonDataclass": "jsonable", "check_layers": "layers",
+    "Section": "report", "package_versions": "report", "write_report": "report",
+    "ResultsLog": "results", "row_key": "results",
+    "Prepared": "sweep", "SweepRow": "sweep", "run_sweep": "sweep",
+    "encode_batch": "tokens", "left_pad": "tokens", "left_padding": "tokens",
+    "model_device": "tokens", "position_ids": "tokens",
+}
+
+__all__ = sorted(["OutOfRangeError", "UsageError", *_EXPORTS])
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

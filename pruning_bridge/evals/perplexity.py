@@ -29,6 +29,15 @@ def default_window(model, cap: int = 2048) -> int:
     return min(context_length(model) or cap, cap)
 
 
+def check_window(model, window: int, option: str = "window") -> None:
+    """A ``UsageError`` when ``window`` tokens do not fit ``model``'s positions (its context,
+    when its config says); ``option`` is what the message calls the window (``--window``)."""
+    limit = context_length(model)
+    if limit is not None and window > limit:
+        raise UsageError(f"{option} {window} is longer than the model's context of {limit} "
+                         f"positions; pass at most {limit}.")
+
+
 def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, window: int,
                   max_windows: int | None = None) -> torch.Tensor:
     """``[n_windows, window]`` token ids: the whole text tokenized once, cut without overlap."""
@@ -66,6 +75,7 @@ def perplexity(model, tokenizer: PreTrainedTokenizerBase, text: str, window: int
     and hash), and ``records`` one entry per window with its summed NLL and predicted tokens.
     """
     window = window or default_window(model)
+    check_window(model, window)
     windows = token_windows(tokenizer, text, window, max_windows)
     nlls = []
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity",
