@@ -572,8 +572,14 @@ def main(argv=None) -> Path:
     return path
 
 
+INTERRUPTED = ("interrupted: every finished result is saved in the results folder (--out) and "
+               "the time spent is recorded; rerun the same command to resume where it stopped.")
+
 if __name__ == "__main__":
     try:
         main()
     except PreflightError as error:
         raise SystemExit(str(error)) from None
+    except KeyboardInterrupt:
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        raise SystemExit(130) from None
