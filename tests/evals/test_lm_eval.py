@@ -341,9 +341,10 @@ def test_unknown_task_and_model_given_twice(tiny, capsys):
         evaluate_with_lm_eval(lm, tasks="pb_mmlu", skip_layers=[1])
     with pytest.raises(UsageError, match="skip_layers"):
         PruningBridgeLM(model, tok, skip_layers="one")
-    assert bridge_main(["lm-eval", "--model", "tiny-gpt2", "--tasks", "pb_mmlu",
-                        "--batch-size", "0"]) == 2
-    assert "batch_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # refused while parsing, before any import
+        bridge_main(["lm-eval", "--model", "tiny-gpt2", "--tasks", "pb_mmlu",
+                     "--batch-size", "0"])
+    assert "--batch-size: must be at least 1" in capsys.readouterr().err
 
 
 def test_a_remote_bridge_evaluates_as_the_local_model(tiny):

@@ -306,6 +306,7 @@ def test_heads_cli_end_to_end(data_dir, tmp_path, capsys):
     assert len(rows) == 5  # full, then routed and removed at each fraction
     assert (out / "figure3_head_importance.html").exists()
     assert "most selective" in capsys.readouterr().out
-    assert main([*argv[:-6], "--fractions", "0.9,1.5", "--data-dir", str(data_dir),
-                 "--out", str(out)]) == 2
-    assert "fractions must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # refused while parsing
+        main([*argv[:-6], "--fractions", "0.9,1.5", "--data-dir", str(data_dir),
+              "--out", str(out)])
+    assert "--fractions: must be at most 1.0" in capsys.readouterr().err

@@ -129,7 +129,7 @@ def test_cli_bad_direction_exits_2(tmp_path, data_dir, capsys):
     bad.write_text("not a safetensors file")
     args = ["edit", "--model", "tiny-gpt2", "--data-dir", str(data_dir), *SMALL]
     assert main([*args, "--direction", str(bad)]) == 2
-    assert "not a direction file" in capsys.readouterr().err
+    assert "bad.safetensors is not a safetensors file" in capsys.readouterr().err
     assert main([*args, "--direction", str(tmp_path / "missing.safetensors")]) == 2
     wide = tmp_path / "wide.safetensors"
     save_direction(wide, _unit(32))
