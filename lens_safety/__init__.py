@@ -4,7 +4,7 @@ Everything public is re-exported here, imported on first use (a module ``__getat
 that ``lens-safety --help`` starts without torch.
 """
 
-from importlib import import_module
+from pruning_bridge.common.lazy import lazy_exports
 
 _EXPORTS = {
     "caching": ("cache_residuals",),
@@ -25,18 +25,5 @@ _EXPORTS = {
     "sweep": ("alpha_sweep",),
     "toxicity": ("ScorerAgreement", "get_scorer", "profanity_scorer", "scorer_agreement"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,7 +6,7 @@ perplexity), ``pruning`` (layers and weights), ``heads`` (routing, importance, r
 first use (a module ``__getattr__``), so that ``pruning-bridge --help`` starts without torch.
 """
 
-from importlib import import_module
+from .common.lazy import lazy_exports
 
 # The deprecated modules named like the sweep functions load now and their names are dropped:
 # ``pruning_bridge.layer_sweep`` is then the function (from ``__getattr__``), and a later
@@ -31,18 +31,5 @@ _EXPORTS = {
                 "magnitude_prune", "nm_prune", "prune_permanently", "skip_layers",
                 "sparsity_report", "wanda_prune", "weight_sweep"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_checks import exit_status, one_error_line
 
 from lens_safety.cli import build_parser as safety_parser
 from lens_safety.cli import main as safety_main
@@ -17,20 +18,6 @@ from pruning_bridge.common.errors import UsageError
 ROOT = Path(__file__).resolve().parents[1]
 bridge_cli = importlib.import_module("pruning_bridge.cli")
 safety_cli = importlib.import_module("lens_safety.cli")
-
-
-def exit_status(main, argv) -> int:
-    """``main(argv)``'s exit status, whether returned or raised by the parser."""
-    try:
-        return main(argv)
-    except SystemExit as exit_info:
-        return exit_info.code
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("argv, says", [

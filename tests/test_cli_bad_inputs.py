@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import exit_status, one_error_line
 
 import lens_safety.cli as safety_cli
 import pruning_bridge.cli as bridge_cli
@@ -19,20 +20,6 @@ from pruning_bridge.common import cli as common_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"pb": bridge_cli.main, "ls": safety_cli.main}
-
-
-def exit_status(main, argv) -> int:
-    """``main(argv)``'s exit status, whether returned or raised by the parser."""
-    try:
-        return main(argv)
-    except SystemExit as exit_info:
-        return exit_info.code
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 # ---------------------------------------------------------------- damaged files

@@ -5,29 +5,15 @@ lines, which need ``common.cli`` and ``common.errors`` to parse their arguments,
 torch, pandas or plotly.
 """
 
-from importlib import import_module
-
-from .errors import OutOfRangeError, UsageError
+from .errors import OutOfRangeError, UsageError  # noqa: F401  (re-exported: light)
+from .lazy import lazy_exports
 
 _EXPORTS = {
-    "save_figure": "figures", "JsonDataclass": "jsonable", "check_layers": "layers",
-    "Section": "report", "package_versions": "report", "write_report": "report",
-    "ResultsLog": "results", "row_key": "results",
-    "Prepared": "sweep", "SweepRow": "sweep", "run_sweep": "sweep",
-    "encode_batch": "tokens", "left_pad": "tokens", "left_padding": "tokens",
-    "model_device": "tokens", "position_ids": "tokens",
+    "figures": ("save_figure",), "jsonable": ("JsonDataclass",), "layers": ("check_layers",),
+    "report": ("Section", "package_versions", "write_report"),
+    "results": ("ResultsLog", "row_key"), "sweep": ("Prepared", "SweepRow", "run_sweep"),
+    "tokens": ("encode_batch", "left_pad", "left_padding", "model_device", "position_ids"),
 }
 
-__all__ = sorted(["OutOfRangeError", "UsageError", *_EXPORTS])
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS,
+                                             eager=["OutOfRangeError", "UsageError"])
