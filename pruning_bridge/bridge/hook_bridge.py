@@ -29,7 +29,8 @@ from ..common.tokens import model_device
 from ..common.tokens import position_ids as mask_position_ids
 from .adapters import Adapter, adapter_for
 from .attention import PATTERN_NAMES, ROTARY_NAMES, exposed
-from .remote import CountingRemoteBackend, SimulatedServer, Traffic, check_sendable
+from .remote import (CountingRemoteBackend, RetryPolicy, SimulatedServer, Traffic,
+                     check_sendable, status_wanted)
 from .traced import InputBox, interleave, layer_of, make_plan, make_visitor
 
 HookFn = Callable[[Tensor, str], Tensor | None]
@@ -73,7 +74,9 @@ class HookBridge:
         # or an NDIF host (True: nnsight's configured one); see HookBridge.remote
         self.remote: str | bool | None = None
         self.api_key: str | None = None
-        self.traffic = Traffic()  # requests and bytes sent to a server
+        self.traffic = Traffic()  # requests, retries and bytes sent to a server
+        self.retry = RetryPolicy()  # how transient server faults are retried
+        self.show_status = False  # nnsight's remote status line
         self._hooks: list[tuple[str, HookFn]] = []
         # the attention mask of the running call's input (1 = real token), for hooks that need
         # positions, e.g. to leave the first real token of each row alone; None between calls
@@ -92,8 +95,9 @@ class HookBridge:
 
     @classmethod
     def remote(cls, model: str | os.PathLike | torch.nn.Module, host: str | None = None,
-               api_key: str | None = None, tokenizer=None, simulate: bool = False
-               ) -> "HookBridge":
+               api_key: str | None = None, tokenizer=None, simulate: bool = False, *,
+               retries: int | None = None, backoff: float | None = None,
+               status: bool | None = None) -> "HookBridge":
         """A bridge whose every trace runs on an NDIF server, next to the model's weights.
 
         ``model`` is a hub id or checkpoint folder that the server has deployed; only its
@@ -103,14 +107,25 @@ class HookBridge:
         server's round trip in this process instead (serialise, unpickle with the server's
         whitelist, run): a dry run that proves every trace and hook can be sent.
         Caching, hooks, ``__call__`` and ``generate`` work as locally and return only the
-        requested values; ``bridge.traffic`` counts requests and bytes.
+        requested values; ``bridge.traffic`` counts requests, retries and bytes.
+
+        A transient server fault (the model actor restarting, a replica evicted, a connection
+        reset) is retried up to ``retries`` times, waiting ``backoff`` seconds and doubling
+        (defaults: ``$LAYERS_TO_LATENTS_NDIF_RETRIES`` / ``_BACKOFF``, else 3 and 2 s); what
+        still fails raises ``RemoteError`` naming the server, the work and what to do.
+        nnsight's status line is shown only with ``status=True`` (or
+        ``$LAYERS_TO_LATENTS_NDIF_STATUS=1``).
         """
+        retry, show_status = RetryPolicy.configured(retries, backoff), status_wanted(status)
+        if host is not None and not str(host).startswith(("http://", "https://")):
+            raise UsageError(f"The NDIF host {host!r} is not a URL: give it as http://HOST:PORT "
+                             f"or https://HOST.")
         if simulate:
             if not isinstance(model, torch.nn.Module):
                 raise UsageError("HookBridge.remote(..., simulate=True) runs the model here: "
                                  "pass the loaded model, not a name.")
             bridge = cls(model, tokenizer)
-            bridge.remote = "simulate"
+            bridge.remote, bridge.retry, bridge.show_status = "simulate", retry, show_status
             return bridge
         if isinstance(model, torch.nn.Module):
             raise UsageError("HookBridge.remote takes the model's hub id or the checkpoint path "
@@ -129,6 +144,7 @@ class HookBridge:
             lm = LanguageModel(name, tokenizer=deepcopy(tokenizer), dispatch=False)
         bridge = cls(lm._module, tokenizer, lm=lm)
         bridge.remote, bridge.api_key = host or True, api_key
+        bridge.retry, bridge.show_status = retry, show_status
         return bridge
 
     @property
@@ -136,15 +152,34 @@ class HookBridge:
         """The running call's attention mask (1 = real token); None between calls."""
         return self.input_box.mask
 
-    def _run_options(self) -> dict:
-        """The nnsight backend of the next trace: here, the simulated server or NDIF."""
+    def _run_options(self, verb: str, hooks: dict[str, list[HookFn]],
+                     cached: Iterable[str] = ()) -> dict:
+        """The nnsight backend of the next trace: here, the simulated server or NDIF (the
+        arguments describe the request for its error messages: ``_remote_work``)."""
         if self.remote is None:
             return {}
+        what = self._remote_work(verb, hooks, cached)
         if self.remote == "simulate":
-            return {"backend": SimulatedServer(self.lm, self.traffic)}
+            return {"backend": SimulatedServer(self.lm, self.traffic, what=what,
+                                               retry=self.retry)}
         return {"backend": CountingRemoteBackend(
             self.traffic, self.lm.to_model_key(),
-            host=self.remote if isinstance(self.remote, str) else None, api_key=self.api_key)}
+            host=self.remote if isinstance(self.remote, str) else None, api_key=self.api_key,
+            what=what, retry=self.retry, status=self.show_status)}
+
+    def _remote_work(self, verb: str, hooks: dict[str, list[HookFn]],
+                     cached: Iterable[str] = ()) -> str:
+        """``"a trace of MODEL (caching ...; hooks ...)"``: what a request does, for its errors."""
+        def listed(items: list[str]) -> str:
+            return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+        cached = list(cached)
+        hooked = [f"{getattr(fn, '__qualname__', type(fn).__qualname__).split('>.')[-1]} on "
+                  f"{name}" for name, fns in hooks.items() for fn in fns]
+        parts = ([f"caching {listed(cached)}"] if cached else []) + \
+            ([f"hook{'s' * (len(hooked) > 1)} {listed(hooked)}"] if hooked else [])
+        name = getattr(self.config, "_name_or_path", "") or self.adapter.arch.family
+        return f"{verb} of {name}" + (f" ({'; '.join(parts)})" if parts else "")
 
     # ---------------------------------------------------------------- the model-like surface
     def parameters(self):
@@ -271,8 +306,9 @@ class HookBridge:
         cache: dict[str, Tensor] = {}
         visit, wanted = make_visitor(hooks, cached, cache, reduce), set(hooks) | cached
         lm, plan, logits = self.lm, self._plan, None
+        options = self._run_options("a trace", hooks, sorted(cached, key=self._order.get))
         with self._input(attention_mask), self._attention(wanted, visit), \
-                lm.trace(ids, **self._run_options(), **model_kwargs) as tracer:
+                lm.trace(ids, **options, **model_kwargs) as tracer:
             interleave(lm, plan, wanted, visit)
             cache = cache.save()  # remote: the server's copy comes back
             if callable(want_logits):
@@ -357,11 +393,14 @@ class HookBridge:
         """One request: the whole generation runs on the server, hooks at every step."""
         visit, wanted = make_visitor(hooks, set(), {}), set(hooks)
         lm, plan = self.lm, self._plan
-        with warnings.catch_warnings():  # (outside the traced block: it is sent as source)
+        options = self._run_options(f"a generation of {max_new_tokens} tokens", hooks)
+        # nnsight warns that the open tracer.all() loop asked for a step more than the model
+        # made (by design). Here (simulated) that is a warning; a server relays it as a log
+        # line, which remote.QuietDisplay drops. (Outside the traced block: it is sent as source.)
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with self._input(attention_mask), self._attention(wanted, visit), \
-                    lm.generate(max_new_tokens=max_new_tokens, **self._run_options(),
-                                **kwargs) as tracer:
+                    lm.generate(max_new_tokens=max_new_tokens, **options, **kwargs) as tracer:
                 with tracer.invoke(ids, attention_mask=attention_mask):
                     if wanted:
                         for _ in tracer.all():

@@ -34,3 +34,8 @@ def require_local_weights(model, what: str) -> None:
             + ". Load the model locally (pruning_bridge.models.load_model) for weight edits "
               "and training; hook-based studies (caching, ablation, skipped layers, routed "
               "heads at inference) run remotely.")
+
+
+class RemoteError(UsageError):
+    """A request to an NDIF server failed: the message names the server, what was sent and what
+    to do (start the server, check the URL, retry later); the original error is its cause."""

@@ -10,6 +10,8 @@ Redis responses) and only swaps those steps for CPU ones:
   in the deployment's dtype (deploy float32 so remote results equal local ones bit for bit);
 * ``cleanup`` does no CUDA calls;
 * ``gpu_mem_bytes_by_id`` is emptied, so the per-request GPU metering is a no-op;
+* nnsight's warning that a generation's open loop asked for a step more than the model made
+  is filtered (the actor relays stderr to the client as log lines);
 * the actor declares itself not cacheable (there is no GPU to park it off): an eviction tears it
   down; ``to_cache`` / ``from_cache`` only flip the flag.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import warnings
 from typing import Any, Dict, Optional
 
 import ray
@@ -33,6 +36,7 @@ import torch
 from ndif.services.ray.deployments.modeling.base import BaseModelDeployment
 
 logger = logging.getLogger("ndif.modeling")
+OWN_TRACE_NOISE = r".*was never reached: the loop asked for a step"
 
 
 def _no_cuda_calls() -> None:
@@ -64,6 +68,11 @@ class CPUModelDeployment(BaseModelDeployment):
         threads = os.environ.get("NDIF_CPU_THREADS")
         if threads:
             torch.set_num_threads(int(threads))
+        # A generation's open ``tracer.all()`` loop (the toolkit's remote generate) ends by asking
+        # for one step more than the model made, and nnsight warns about it. The actor relays
+        # stderr to the client as log lines: one the user cannot act on, so it is dropped here
+        # (and by the toolkit's client, for servers it does not run).
+        warnings.filterwarnings("ignore", message=OWN_TRACE_NOISE, category=UserWarning)
         super().__init__(model_key, execution_timeout=execution_timeout,
                          gpu_mem_bytes_by_id={}, dtype=dtype, **kwargs)
 

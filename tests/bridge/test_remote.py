@@ -120,6 +120,48 @@ def test_a_hook_the_server_cannot_run_is_refused_before_any_request(pair):
         remote.run_with_cache(PROMPTS, names=["blocks.0.attn.hook_pattern"])
 
 
+def test_an_import_anywhere_in_a_hook_is_refused_with_advice_that_fits():
+    # (defined here, as in a script or notebook: sent as source; a test module's top-level
+    # functions would be sent by name)
+    def imports_json(x, name):
+        import json
+        return x * len(json.dumps([1]))
+
+    def helper():
+        import os
+        return os.cpu_count() or 1
+
+    def uses_a_helper(x, name):
+        return x * helper()
+
+    def nested(x, name):
+        def inner():
+            from csv import reader
+            return reader
+        return x
+
+    def torch_and_math_inside(x, name):
+        import math
+
+        import torch.nn.functional as F
+        return F.relu(x) * math.pi
+
+    local = "test_an_import_anywhere_in_a_hook_is_refused_with_advice_that_fits.<locals>"
+    for fn, where in [(imports_json, f"imports json (in {local}.imports_json)"),
+                      (uses_a_helper, f"imports os (in {local}.helper)"),
+                      (nested, f"imports csv (in {local}.nested.<locals>.inner)")]:
+        with pytest.raises(UnsendableError) as caught:
+            check_sendable(fn)
+        message = str(caught.value)
+        assert where in message and "NDIF's hosted service lets a trace use only" in message
+        assert "travels as source: use only those modules inside it" in message
+        assert "Define the function in your script" not in message
+    check_sendable(torch_and_math_inside)  # the allowed modules may be imported inside
+    with pytest.raises(UnsendableError, match="json.dumps.*sent by name.*Define the function "
+                                              "in your script"):
+        check_sendable(json.dumps)
+
+
 def test_weight_edits_on_a_remote_bridge_say_they_need_local_weights(pair):
     _, remote = pair
     with pytest.raises(NeedsLocalWeightsError, match="Weight pruning.*NDIF"):
