@@ -106,7 +106,7 @@ def _generate(model, tokenizer, batch: list[str], max_new_tokens: int,
     if is_bridge(model):
         out = model.generate(batch, max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, return_text=False, **sampling)
-        prompt_len = model.to_tokens(batch)[0].shape[1]
+        prompt_len = model.tokenize(batch)[0].shape[1]
         return out[:, prompt_len:].tolist()
     ids = torch.tensor([tokenizer(batch[0])["input_ids"]] * len(batch), device=model_device(model))
     kwargs = ({"top_p": sampling["top_p"], "temperature": sampling["temperature"]}

@@ -25,7 +25,7 @@ def attention_patterns(bridge: HookBridge, text: str,
                        layers: Sequence[int] | None = None) -> tuple[list[str], dict[int, Tensor]]:
     """The prompt's tokens and each layer's pattern ``[heads, query, key]`` (fp32, on CPU)."""
     layers = check_layers(layers, bridge.adapter.n_layers)
-    ids, mask = bridge.to_tokens(text)
+    ids, mask = bridge.tokenize(text)
     _, cache = bridge.run_with_cache(ids, [f"blocks.{i}.attn.hook_pattern" for i in layers],
                                      attention_mask=mask)
     tokens = [bridge.tokenizer.decode([t]) for t in ids[0].tolist()] if bridge.tokenizer else \

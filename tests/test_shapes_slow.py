@@ -83,7 +83,7 @@ def state_hash(model) -> str:
 
 def padded(model, tok, prompts=PROMPTS):
     """``(ids, mask)`` of a padded batch, as the bridge pads it."""
-    return HookBridge(model, tok).to_tokens(prompts)
+    return HookBridge(model, tok).tokenize(prompts)
 
 
 def hf_forward(model, ids, mask, **kwargs):

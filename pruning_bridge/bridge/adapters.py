@@ -25,8 +25,9 @@ class Point:
     """One module input or output and the hook names (``"hook_z"``, ...) read from it.
 
     ``split(raw, ctx)`` returns a tensor per name; ``merge(raw, views, ctx)`` rebuilds the raw
-    value from (edited) views. ``ctx`` holds the raw values read earlier in the same layer (the
-    bridge reads ``needs`` first), e.g. the residual stream needed to express ``hook_resid_mid``.
+    value from (edited) views (None: nothing to write at this point). ``ctx`` holds the raw
+    values read earlier in the same layer (the bridge reads ``needs`` first), e.g. the residual
+    stream needed to express ``hook_resid_mid``, and the layer's module as ``ctx["block"]``.
     """
 
     module: str  # path relative to the layer ("self_attn.o_proj"), or to the model for globals
@@ -38,6 +39,9 @@ class Point:
     key: str = ""
     computed: bool = False  # the views are computed, not the model's own tensors: an in-place
     # edit of them must be detected and written back
+    rebuild: Callable[[object, dict], object] | None = None  # a new raw value from edits of
+    # earlier points (per-head q/k/v inputs), or None; written back when not None
+    also: tuple[str, ...] = ()  # other names that make this point visited (for ``rebuild``)
 
 
 def _first(raw):
@@ -152,14 +156,25 @@ def denormalize(norm: torch.nn.Module, normalized: Tensor, dtype: torch.dtype) -
 
 def _layer_points(arch: Architecture, d_head: int, parallel: bool) -> tuple[Point, ...]:
     """One layer's points in execution order, from the family's table entry."""
+    from . import extra_hooks  # (it imports this module's helpers)
+
     heads, heads_merge = _heads(d_head)  # query, key and value heads alike (GQA: fewer kv)
+    inputs = extra_hooks.attention_inputs(arch, d_head)
+    input_names = ("hook_attn_in", *(name for _, name in extra_hooks.QKV_INPUTS))
+    split_inputs = (  # per-head copies of resid_pre: an edit rebuilds the q/k/v projections
+        Point("", "input", ("hook_attn_in",), *inputs["attn_in"], needs=("resid_pre",),
+              computed=True),
+        Point("", "input", input_names[1:], *inputs["qkv_in"], needs=("resid_pre",),
+              computed=True))
     if arch.qkv_layout == "separate":
-        qkv = tuple(Point(path, "output", (name,), *_named(name, heads, heads_merge))
-                    for path, name in zip(arch.qkv, ("attn.hook_q", "attn.hook_k",
-                                                     "attn.hook_v")))
+        qkv = tuple(Point(path, "output", (name,), *_named(name, heads, heads_merge),
+                          rebuild=inputs["rebuild_separate"](i), also=input_names)
+                    for i, (path, name) in enumerate(zip(arch.qkv, ("attn.hook_q", "attn.hook_k",
+                                                                    "attn.hook_v"))))
     else:
+        split, merge = _fused_qkv(arch.qkv_layout, d_head)
         qkv = (Point(arch.qkv[0], "output", ("attn.hook_q", "attn.hook_k", "attn.hook_v"),
-                     *_fused_qkv(arch.qkv_layout, d_head)),)
+                     split, merge, rebuild=inputs["rebuild_fused"](merge), also=input_names),)
     resid_mid = () if parallel else (
         Point(arch.attention, "output", ("hook_resid_mid",), *_resid_mid(),
               needs=("resid_pre",), computed=True),)
@@ -171,13 +186,17 @@ def _layer_points(arch: Architecture, d_head: int, parallel: bool) -> tuple[Poin
     return (
         Point("", "input", ("hook_resid_pre",), *_named("hook_resid_pre", _plain, _plain_merge),
               key="resid_pre"),
+        *split_inputs,
         Point(arch.ln1, "norm", ("ln1.hook_scale", "ln1.hook_normalized"), computed=True),
         *qkv,
         Point(arch.attn_out, "input", ("attn.hook_z",), *_named("attn.hook_z", heads,
-                                                                  heads_merge)),
+                                                                  heads_merge), key="z"),
+        Point(arch.attn_out, "output", ("attn.hook_result",),
+              *extra_hooks.head_results(arch, d_head), needs=("z",), computed=True),
         Point(arch.attention, "output", ("hook_attn_out",),
               *_named("hook_attn_out", _plain, _plain_merge)),
         *resid_mid,
+        Point(arch.ln2, "input", ("hook_mlp_in",), *extra_hooks.mlp_in(), computed=True),
         Point(arch.ln2, "norm", ("ln2.hook_scale", "ln2.hook_normalized"), computed=True),
         *mlp_in,
         Point(arch.mlp_out, "input", ("mlp.hook_post",),

@@ -7,8 +7,8 @@ TransformerLens names the family. The rest of the toolkit asks this module (``ar
 ``model_dims``, ``head_counts``, ``select_heads``, ``residual_writers``) and never checks
 ``model_type`` itself. Adding a family = one entry in ``ARCHITECTURES`` plus its tests.
 
-Paths are attribute paths: ``blocks``, ``embed``, ``pos_embed``, ``layer_input`` and
-``final_norm`` from the model; the others from one decoder block.
+Paths are attribute paths: ``blocks``, ``embed``, ``pos_embed``, ``layer_input``,
+``final_norm`` and ``unembed`` from the model; the others from one decoder block.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Architecture:
     ln1: str  # the norm before attention, from a block
     ln2: str  # the norm before the MLP, from a block
     mlp_in_linear: str | None = None  # gated MLPs: the linear (up) projection, mlp.hook_pre_linear
+    unembed: str = "lm_head"  # the LM head, from the model: its input and output are unembed.*
     norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm)
     pos_embed: str | None = None  # learned absolute positions
     parallel_flag: str | None = None  # config flag: attention and MLP both read resid_pre

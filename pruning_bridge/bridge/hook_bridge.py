@@ -7,8 +7,11 @@
         text = bridge.generate("Hello", max_new_tokens=20)
 
 Activations have TransformerLens shapes (``[batch, pos, d_model]``; per head
-``[batch, pos, head, d_head]``). A hook ``fn(activation, name)`` may return a replacement (or
-edit in place and return None). The wrapped model's weights are never changed.
+``[batch, pos, head, d_head]``). A hook ``fn(activation, hook)`` may return a replacement (or
+edit in place and return None); ``hook`` is the hook's name, a ``str`` with TransformerLens's
+``hook.name``, so ``fn(activation, name)`` hooks work as well. The wrapped model's weights are
+never changed. TransformerLens's own verbs (``run_with_hooks``, ``names_filter=``, ``cfg``,
+``to_tokens``, the ``ActivationCache`` methods...) are in ``tl_api`` and ``activation_cache``.
 """
 
 from __future__ import annotations
@@ -27,37 +30,21 @@ from torch import Tensor
 from ..common.errors import UsageError
 from ..common.tokens import model_device
 from ..common.tokens import position_ids as mask_position_ids
+from . import extra_hooks
+from .activation_cache import ActivationCache, UnknownHookError
 from .adapters import Adapter, adapter_for
 from .attention import PATTERN_NAMES, ROTARY_NAMES, exposed
 from .remote import (CountingRemoteBackend, RetryPolicy, SimulatedServer, Traffic,
-                     check_sendable, status_wanted)
+                     check_sendable, send_by_value, status_wanted)
+from .tl_api import FwdHooks, TransformerLensAPI
 from .traced import InputBox, interleave, layer_of, make_plan, make_visitor
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Names = Iterable[str] | Callable[[str], bool] | None
+send_by_value(extra_hooks)  # its point functions run inside traces, as traced's and adapters'
 
 
-class UnknownHookError(KeyError, UsageError):
-    """A hook name that the bridge does not provide; the message lists the closest ones."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-class ActivationCache(dict):
-    """Cached activations by hook name, plus the batch's ``attention_mask`` (1 = real token)."""
-
-    def __init__(self, values: dict[str, Tensor], attention_mask: Tensor):
-        super().__init__(values)
-        self.attention_mask = attention_mask
-
-    def __missing__(self, name: str) -> Tensor:
-        close = difflib.get_close_matches(name, list(self), n=5, cutoff=0.5)
-        raise UnknownHookError(f"{name!r} is not in this cache (cached: {len(self)} names"
-                               + (f"; closest: {', '.join(close)}" if close else "") + ").")
-
-
-class HookBridge:
+class HookBridge(TransformerLensAPI):
     """TransformerLens hook names, caching and hooks on an HF model (Llama, Qwen2, Qwen3, GPT-2)."""
 
     def __init__(self, model, tokenizer=None, *, lm: LanguageModel | None = None):
@@ -86,11 +73,14 @@ class HookBridge:
         rotary = () if self.adapter.arch.pos_embed else ROTARY_NAMES  # (TransformerLens's order)
         per_layer[per_layer.index("attn.hook_z"):0] = [*rotary, *PATTERN_NAMES]
         self._attention_names = set(rotary) | set(PATTERN_NAMES)
-        self.hook_names: list[str] = (
-            ["hook_embed"] + (["hook_pos_embed"] if self.adapter.arch.pos_embed else [])
-            + [f"blocks.{layer}.{name}" for layer in range(n) for name in per_layer]
-            + ["ln_final.hook_scale", "ln_final.hook_normalized"])
-        self._order = {name: i for i, name in enumerate(self.hook_names)}
+        every = (["hook_embed"] + (["hook_pos_embed"] if self.adapter.arch.pos_embed else [])
+                 + [f"blocks.{layer}.{name}" for layer in range(n) for name in per_layer]
+                 + ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in",
+                    "unembed.hook_out"])
+        self._order = {name: i for i, name in enumerate(every)}  # every name, in run order
+        # what a full cache holds: all but the names TransformerLens computes only behind a
+        # flag (cfg.use_attn_result...); named explicitly, those are computed too
+        self.hook_names: list[str] = self._default_names()
         self._plan = make_plan(self.adapter, model)  # the hook points as plain data (traced.py)
 
     @classmethod
@@ -196,7 +186,8 @@ class HookBridge:
     # ---------------------------------------------------------------- names
     def resolve(self, names: Names) -> list[str]:
         """Hook names checked and in execution order: a list, a predicate, or None for all of
-        them (as everywhere in the bridge; an empty list selects none)."""
+        ``hook_names`` (as everywhere in the bridge; an empty list selects none). Names that
+        TransformerLens gates behind a flag are accepted when named, whatever the flags."""
         if names is None:
             return list(self.hook_names)
         if callable(names):
@@ -206,7 +197,7 @@ class HookBridge:
         names = list(dict.fromkeys(names))
         for name in names:
             if name not in self._order:
-                close = difflib.get_close_matches(name, self.hook_names, n=5, cutoff=0.6)
+                close = difflib.get_close_matches(name, list(self._order), n=5, cutoff=0.6)
                 why = (" Its attention and MLP both read hook_resid_pre (parallel residual), "
                        "so there is no hook_resid_mid, as in TransformerLens."
                        if name.endswith("hook_resid_mid") and self.adapter.parallel else "")
@@ -218,8 +209,9 @@ class HookBridge:
         return sorted(names, key=self._order.__getitem__)
 
     # ---------------------------------------------------------------- inputs
-    def to_tokens(self, inputs, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Token ids and attention mask for a string, list of strings (left-padded) or tensor."""
+    def tokenize(self, inputs, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Token ids and attention mask for a string, list of strings (left-padded) or tensor,
+        as every bridge call runs them (TransformerLens's ``to_tokens`` gives the ids only)."""
         if isinstance(inputs, str):
             inputs = [inputs]
         if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str):
@@ -291,7 +283,7 @@ class HookBridge:
 
     def _forward(self, input_ids, attention_mask, position_ids, names, logits_to_keep, reduce,
                  want_logits, **kwargs):
-        ids, attention_mask = self.to_tokens(input_ids, attention_mask)
+        ids, attention_mask = self.tokenize(input_ids, attention_mask)
         if position_ids is None:
             position_ids = mask_position_ids(attention_mask)
         cached = set(self.resolve(names))
@@ -302,7 +294,7 @@ class HookBridge:
         if not hooks and not cached and self.remote is None:  # the plain model, no overhead
             out = self.model(input_ids=ids, **model_kwargs).logits
             return (want_logits(out) if callable(want_logits) else out), \
-                ActivationCache({}, attention_mask)
+                ActivationCache({}, attention_mask, self)
         cache: dict[str, Tensor] = {}
         visit, wanted = make_visitor(hooks, cached, cache, reduce), set(hooks) | cached
         lm, plan, logits = self.lm, self._plan, None
@@ -317,7 +309,7 @@ class HookBridge:
                 logits = lm.output.logits.save()
             else:
                 tracer.stop()  # nothing after the last cached point is needed
-        return logits, ActivationCache(cache, attention_mask)
+        return logits, ActivationCache(cache, attention_mask, self)
 
     def _attention(self, wanted: set[str], visit):
         """``hooked_attention`` for this trace if it touches scores / patterns / rotated q,k."""
@@ -331,23 +323,57 @@ class HookBridge:
         return exposed(self.model, visit, {layer_of(name) for name in wanted
                                            if name.split(".", 2)[-1] in self._attention_names})
 
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
-        """Logits ``[batch, pos, vocab]``, with the active hooks (an HF-like call for evals)."""
-        logits, _ = self.forward(input_ids, attention_mask, position_ids, **kwargs)
-        return logits
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *,
+                 return_type: str | None = "logits", loss_per_token: bool = False, **kwargs):
+        """Logits ``[batch, pos, vocab]``, with the active hooks (an HF-like call for evals);
+        ``return_type`` ``"loss"``, ``"both"`` or None as TransformerLens's."""
+        if return_type == "logits":
+            return self.forward(input_ids, attention_mask, position_ids, **kwargs)[0]
+        ids, attention_mask = self.tokenize(input_ids, attention_mask)
+        logits, _ = self.forward(ids, attention_mask, position_ids,
+                                 logits=return_type is not None, **kwargs)
+        return self._output(logits, ids, attention_mask, return_type, loss_per_token)
 
     def run_with_cache(self, inputs, names: Names = None, attention_mask: Tensor | None = None,
-                       **kwargs) -> tuple[Tensor, ActivationCache]:
-        """``(logits, cache)`` with ``cache[name]`` for each requested name (default: all)."""
+                       *, names_filter: Names = None, return_type: str | None = "logits",
+                       remove_batch_dim: bool = False, **kwargs
+                       ) -> tuple[Tensor | None, ActivationCache]:
+        """``(logits, cache)`` with ``cache[name]`` for each requested name (default: all of
+        ``hook_names``). ``names_filter`` (TransformerLens's name for ``names``: a name, a list
+        or a predicate), ``return_type`` and ``remove_batch_dim`` as TransformerLens's."""
+        if names_filter is not None:
+            if names is not None:
+                raise UsageError("Give the names to cache as names or names_filter, not both.")
+            names = names_filter
         names = self.resolve(names)
         if not names:
             raise UsageError("No hook names selected to cache.")
-        return self.forward(inputs, attention_mask, names=names, **kwargs)
+        if return_type == "logits":
+            logits, cache = self.forward(inputs, attention_mask, names=names, **kwargs)
+            output = logits
+        else:
+            ids, attention_mask = self.tokenize(inputs, attention_mask)
+            logits, cache = self.forward(ids, attention_mask, names=names,
+                                         logits=return_type is not None, **kwargs)
+            output = self._output(logits, ids, attention_mask, return_type)
+        return output, cache.remove_batch_dim() if remove_batch_dim else cache
 
     @contextmanager
-    def hooks(self, hooks: Sequence[tuple[str, HookFn]]) -> Iterator["HookBridge"]:
-        """Apply ``[(name, fn), ...]`` to every forward and generation inside the block."""
-        hooks = list(hooks)
+    def hooks(self, hooks: Sequence[tuple[str, HookFn]] = (), *, fwd_hooks: FwdHooks = (),
+              bwd_hooks: FwdHooks = (), reset_hooks_end: bool = True,
+              clear_contexts: bool = False) -> Iterator["HookBridge"]:
+        """Apply ``[(name, fn), ...]`` to every forward and generation inside the block.
+
+        ``fwd_hooks`` as TransformerLens's (a name may be a filter ``fn(name) -> bool``).
+        Backward hooks are not supported: run with ``grad=True`` and use autograd.
+        """
+        if bwd_hooks:
+            raise UsageError("HookBridge has no backward hooks: call forward(..., grad=True) and "
+                             "use torch autograd (tensor.register_hook) in a forward hook.")
+        if not reset_hooks_end:
+            raise UsageError("HookBridge hooks last as long as the `with` block; "
+                             "reset_hooks_end=False is not supported.")
+        hooks = list(hooks) + self.expand_hooks(fwd_hooks)
         self.resolve([name for name, _ in hooks])
         if self.remote is not None:  # fail here, before any request, naming the function
             for name, fn in hooks:
@@ -370,7 +396,7 @@ class HookBridge:
         inputs = input_ids if inputs is None else inputs
         text_in = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
                                               and isinstance(inputs[0], str))
-        ids, attention_mask = self.to_tokens(inputs, attention_mask)
+        ids, attention_mask = self.tokenize(inputs, attention_mask)
         kwargs.setdefault("do_sample", False)
         if not kwargs["do_sample"]:
             kwargs.update(temperature=None, top_p=None, top_k=None)

@@ -8,9 +8,9 @@ expressions). The local bridge runs the same functions, so local and remote agre
 construction. ``remote.py`` registers this module and ``adapters`` to be sent by value.
 
 A *plan* (``make_plan``) is one model's hook-point layout as plain data:
-``{"embed", "pos_embed", "blocks", "final_norm", "norm": "rms"|"layer", "eps": {path: eps},
-"points": (point, ...)}``, where a point is ``(module, io, names, split, merge, needs, key,
-computed)``, as ``adapters.Point``.
+``{"embed", "pos_embed", "blocks", "final_norm", "unembed", "norm": "rms"|"layer",
+"eps": {path: eps}, "points": (point, ...)}``, where a point is ``(module, io, names, split,
+merge, needs, key, computed, rebuild, also)``, as ``adapters.Point``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,25 @@ def make_plan(adapter, model) -> dict:
         if isinstance(value, float):
             eps[name] = value
     points = tuple((p.module, p.io, tuple(p.names), p.split, p.merge, tuple(p.needs), p.key,
-                    p.computed) for p in adapter.layer_points)
+                    p.computed, p.rebuild, tuple(p.also)) for p in adapter.layer_points)
     return {"embed": arch.embed, "pos_embed": arch.pos_embed, "blocks": arch.blocks,
-            "final_norm": arch.final_norm, "norm": arch.norm, "eps": eps, "points": points}
+            "final_norm": arch.final_norm, "unembed": arch.unembed, "norm": arch.norm,
+            "eps": eps, "points": points}
+
+
+class HookName(str):
+    """A hook point's name, passed to every hook: a ``str`` (hooks ``fn(act, name)``) that is
+    also TransformerLens's ``hook`` argument (hooks ``fn(act, hook)`` read ``hook.name``)."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+    def layer(self) -> int:
+        """The block index, as TransformerLens's ``HookPoint.layer()``."""
+        return int(self.split(".")[1])
 
 
 class InputBox:
@@ -67,10 +83,10 @@ def make_visitor(hooks: dict, cached, cache: dict, reduce=None):
     """
 
     def visit(name, value, computed=False):
-        edited = None
+        edited, hook = None, HookName(name)
         for fn in hooks.get(name, ()):
             before = value.detach().clone() if computed else None
-            out = fn(value, name)
+            out = fn(value, hook)
             if out is not None:  # keep the model's dtype (an fp32 edit on a bf16 model)
                 value = edited = out.to(value.dtype)
             elif computed and not torch.equal(value, before):
@@ -95,6 +111,16 @@ def interleave(lm, plan: dict, wanted, visit) -> None:
         interleave_layer(lm, plan, layer, wanted, visit)
     if "ln_final.hook_scale" in wanted or "ln_final.hook_normalized" in wanted:
         visit_norm(lm, plan, plan["final_norm"], "ln_final.", visit)
+    if "unembed.hook_in" in wanted or "unembed.hook_out" in wanted:
+        envoy = envoy_at(lm, plan["unembed"])
+        for name, io in (("unembed.hook_in", "input"), ("unembed.hook_out", "output")):
+            if name in wanted:
+                value = envoy.input if io == "input" else envoy.output
+                new = visit(name, value)
+                if new is not None and io == "input":
+                    envoy.input = new.to(value.dtype)
+                elif new is not None:
+                    envoy.output = new.to(value.dtype)
 
 
 def visit_norm(lm, plan: dict, path: str, prefix: str, visit) -> None:
@@ -119,11 +145,12 @@ def interleave_layer(lm, plan: dict, layer: int, wanted, visit) -> None:
     """One decoder layer's hook points, read (and written back when edited) in order."""
     prefix = f"blocks.{layer}."
     points = plan["points"]
-    active = [any(prefix + n in wanted for n in point[2]) for point in points]
+    active = [any(prefix + n in wanted for n in point[2] + point[9]) for point in points]
     needed_keys = {k for point, is_active in zip(points, active) if is_active for k in point[5]}
     layer_path = f"{plan['blocks']}.{layer}"
-    ctx = {}
-    for (module, io, names, split, merge, _, key, computed), is_active in zip(points, active):
+    ctx = {"block": envoy_at(lm, layer_path)._module}
+    for (module, io, names, split, merge, _, key, computed, rebuild, _), is_active in zip(
+            points, active):
         if not is_active and key not in needed_keys:
             continue
         path = layer_path + ("." + module if module else "")
@@ -136,13 +163,19 @@ def interleave_layer(lm, plan: dict, layer: int, wanted, visit) -> None:
             ctx[key] = raw[0] if isinstance(raw, tuple) else raw
         if not is_active:
             continue
+        changed = rebuild(raw, ctx) if rebuild is not None else None
+        if changed is not None:
+            raw = changed
         edited = {}
         for short, value in split(raw, ctx).items():
             new = visit(prefix + short, value, computed)
             if new is not None:
                 edited[short] = new
         if edited:
-            raw = merge(raw, edited, ctx)
+            merged = merge(raw, edited, ctx)
+            if merged is not None:
+                raw = changed = merged
+        if changed is not None:
             if io == "input":
                 envoy.input = raw
             else:

@@ -64,7 +64,12 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     try:
         return args.run(args)
     except UsageError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        message = str(error)
+        option = getattr(error, "option", None)  # e.g. "--data-dir" for a bad data file
+        value = getattr(args, (option or "").lstrip("-").replace("-", "_"), None)
+        if option and value is not None and not message.startswith(option):
+            message = f"{option} {value}: {message}"
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(interrupted_message(args), file=sys.stderr)

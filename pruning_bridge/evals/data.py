@@ -57,6 +57,14 @@ class GSM8KProblem:
 class DataNotFoundError(FileNotFoundError, UsageError):
     """A data set is neither in the given local directory nor reachable on the hub."""
 
+    option = "--data-dir"  # the command-line option a CLI names in the one-line error
+
+
+class DataFormatError(UsageError):
+    """A local data file has a line or row that is not in the original format."""
+
+    option = "--data-dir"
+
 
 # ---------------------------------------------------------------- helpers
 
@@ -150,7 +158,8 @@ def _read_mmlu_csv(subject: str, path: Path) -> list[MMLUQuestion]:
     questions = []
     for i, row in enumerate(rows):
         if len(row) != 6 or row[5].strip() not in _ANSWER_LETTERS:
-            raise UsageError(f"{path}: row {i} is not question,A,B,C,D,answer-letter: {row!r}")
+            raise DataFormatError(f"{path}, row {i}: not question,A,B,C,D,answer-letter "
+                                  f"({str(row)[:80]}); fix or remove that row.")
         questions.append(
             MMLUQuestion(
                 id=f"{subject}/{i}",
@@ -196,6 +205,27 @@ def load_mmlu(
 # ---------------------------------------------------------------- GSM8K
 
 
+def _gsm8k_rows(path: Path) -> list[dict]:
+    """The records of a GSM8K JSON-lines file; a bad line is a ``UsageError`` naming it."""
+    rows = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            problem = None if isinstance(row, dict) and {"question", "answer"} <= set(row) else \
+                "not an object with question and answer"
+        except UnicodeDecodeError as error:
+            problem = f"not UTF-8 text (byte {error.start} of the line)"
+        except json.JSONDecodeError as error:
+            problem = f"not valid JSON ({error.msg} at column {error.colno})"
+        if problem is not None:
+            raise DataFormatError(f"{path}, line {number}: {problem}; fix or remove that line (the "
+                             f"original GSM8K files have one JSON object per line).")
+        rows.append(row)
+    return rows
+
+
 def load_gsm8k(split: str = "test", data_dir: str | Path | None = None) -> list[GSM8KProblem]:
     """Load GSM8K problems in file order; ``id`` is the 0-based row index."""
     _check_split(split, _GSM8K_SPLITS, "GSM8K")
@@ -205,8 +235,7 @@ def load_gsm8k(split: str = "test", data_dir: str | Path | None = None) -> list[
         path = _first_existing(candidates)
         if path is None:
             raise _missing(f"GSM8K {split} split", candidates, root)
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = _gsm8k_rows(path)
     else:
         rows = load_hub_dataset("GSM8K (openai/gsm8k)", "openai/gsm8k", "main", split=split)
     return [

@@ -99,12 +99,12 @@ def tl_gap(bridge, tl_names) -> set[str]:
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_the_transformer_lens_names_the_bridge_does_not_offer(tiny, name):
-    """The gap, visible: only the unembedding's hooks (and Qwen3's q/k norms) are missing."""
+    """The gap, visible: only Qwen3's q/k norms are missing."""
     model, tok = tiny(name)
     with torch.no_grad():
         _, tl_cache = hooked_from_hf(model, tok).run_with_cache(
             tok(TEXT, return_tensors="pt")["input_ids"])
-    gap = {"unembed.hook_in", "unembed.hook_out"}
+    gap = set()
     if name == "tiny-qwen3":
         gap |= {f"attn.{n}_norm.hook_{k}" for n in "qk" for k in ("scale", "normalized")}
     assert tl_gap(HookBridge(model, tok), tl_cache) == gap
@@ -186,7 +186,7 @@ def test_generation_with_a_hook_equals_stepwise_decoding(tiny, name):
     shift = 3 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with bridge.hooks([("blocks.1.hook_resid_post", lambda x, n: x + shift)]):
         out = bridge.generate(PROMPTS, max_new_tokens=5, return_text=False)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     handle = blocks(model, name)[1].register_forward_hook(
         lambda m, a, o: (o[0] + shift, *o[1:]) if isinstance(o, tuple) else o + shift)
     try:
@@ -208,7 +208,7 @@ def test_patterns_equal_hf_eager_attention_and_keep_the_kernel(tiny, name, monke
     sdpa), and the logits agree with the model's own kernel."""
     model, tok = tiny(name)
     bridge = HookBridge(model, tok)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     kernel = model.config._attn_implementation
     fast_layers = []
     sdpa = attention.sdpa_attention_forward
@@ -250,7 +250,7 @@ def test_pattern_edits_during_generation_equal_stepwise_decoding(tiny, name):
     hooks = [("blocks.1.attn.hook_pattern", zero_head)]
     with bridge.hooks(hooks):
         out = bridge.generate(PROMPTS, max_new_tokens=4, return_text=False)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     width = ids.shape[1]
     assert shapes[0][2:] == (width, width) and shapes[1][2:] == (1, width + 1)
     for _ in range(4):
@@ -285,7 +285,7 @@ def test_patterns_in_bf16_and_with_heads_removed(tiny):
 def test_skip_drop_and_prefix_reuse_equal_a_deleted_block(tiny, name):
     model, tok = tiny(name)
     bridge = HookBridge(model, tok)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     full, *removed = list(prefix_reused_logits(model, ids, mask, [0, 2]))
     torch.testing.assert_close(full[1], run(model, ids, mask))
     for layer, logits in removed:
@@ -362,7 +362,7 @@ def zeroing_heads(model, name, heads_by_layer):
 def test_head_removal_equals_zeroing_and_reloads(tiny, name, tmp_path):
     model, tok = tiny(name)
     plan = {0: [1], 1: [0, 3], 3: [2]}
-    ids, mask = HookBridge(model, tok).to_tokens(PROMPTS)
+    ids, mask = HookBridge(model, tok).tokenize(PROMPTS)
     handles = zeroing_heads(model, name, plan)
     try:
         expected = run(model, ids, mask)
@@ -388,7 +388,7 @@ def test_routed_heads_equal_plain_pytorch_gating(tiny, name):
     with torch.no_grad():
         for r in router.routers.values():
             r.weight.normal_(0, 1.0)  # decisive routing
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     with router.routing(bridge):
         routed = bridge(ids, mask)
     d_head = model.config.hidden_size // model.config.num_attention_heads

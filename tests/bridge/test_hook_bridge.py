@@ -49,7 +49,7 @@ def check_llama_like(bridge, model, tok):
     the trace to the bridge's eager attention (equal to ~1e-5, tested in test_families)."""
     logits, cache = bridge.run_with_cache(
         PROMPTS, names=lambda n: not any(k in n for k in ("rot_", "attn_scores", "pattern")))
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     assert torch.equal(cache.attention_mask, mask)
     out = hf_run(model, ids, mask, output_hidden_states=True)
     n = model.config.num_hidden_layers
@@ -85,7 +85,7 @@ def test_smollm2_cache_against_hf(smollm2):
 def test_zeroing_a_head_equals_plain_pytorch(bridges, tiny, arch):
     bridge = bridges(arch)
     model, _ = tiny(arch)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     layer, head = 1, 2
     cfg = model.config
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -118,7 +118,7 @@ def test_zeroing_a_head_equals_plain_pytorch(bridges, tiny, arch):
 def test_replacing_resid_post_by_resid_pre_removes_the_layer(bridges, tiny, arch):
     bridge = bridges(arch)
     model, _ = tiny(arch)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     layer, saved = 2, {}
 
     def keep(x, name):
@@ -139,7 +139,7 @@ def test_resid_mid_write_and_ln_final_write(bridges, tiny, arch):
     """Writes to names that are not module outputs in HF (resid_mid, ln_final.hook_normalized)."""
     bridge = bridges(arch)
     model, _ = tiny(arch)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     shift = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with bridge.hooks([("blocks.1.hook_resid_mid", lambda x, n: x + shift)]):
         _, cache = bridge.run_with_cache(ids, ["blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
@@ -166,7 +166,7 @@ def test_generation_with_hook_equals_stepwise_decoding(bridges, tiny, arch):
     shift = 3 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with bridge.hooks([("blocks.1.hook_resid_post", lambda x, n: x + shift)]):
         out = bridge.generate(PROMPTS, max_new_tokens=6, return_text=False)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     handle = layers[1].register_forward_hook(
         lambda m, a, o: (o[0] + shift, *o[1:]) if isinstance(o, tuple) else o + shift)
     try:

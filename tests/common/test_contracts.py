@@ -32,7 +32,7 @@ def test_check_layers_reads_negative_indices_from_the_end():
 def test_negative_layers_mean_the_same_everywhere(tiny):
     model, tok = tiny("tiny-llama")
     bridge = HookBridge(model, tok)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     with skip_layers(bridge, [-1]):
         last = bridge(ids, mask)
     with skip_layers(bridge, [3]):

@@ -36,7 +36,7 @@ def run(model, ids, mask, **kw):
 def test_skip_equals_model_without_the_layer(tiny, arch):
     model, tok = tiny(arch)
     bridge = HookBridge(model, tok)
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     for layer in (0, 2):
         with skip_layers(bridge, [layer]) as skipped:
             logits = skipped(ids, attention_mask=mask)
@@ -58,7 +58,7 @@ def test_dropped_model_reloads_and_generates_like_skip(tiny, tmp_path, arch):
     dropped.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_hidden_layers == 2
-    ids, mask = bridge.to_tokens(PROMPTS)
+    ids, mask = bridge.tokenize(PROMPTS)
     with torch.no_grad():
         out = reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
                                 do_sample=False, pad_token_id=tok.pad_token_id)

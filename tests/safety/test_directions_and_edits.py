@@ -265,7 +265,7 @@ def test_ablate_project_leaves_no_component(backends, backend):
     _, tok, bridge, hooked = backends("tiny-llama")
     model = bridge if backend == "bridge" else hooked
     d = _direction(64)
-    ids, mask = bridge.to_tokens(TEXTS[:3])
+    ids, mask = bridge.tokenize(TEXTS[:3])
     names = [f"blocks.{layer}.hook_{hook}" for layer in range(4) for hook in RESID]
 
     def cached(**kwargs):
@@ -292,7 +292,7 @@ def test_ablate_project_leaves_no_component(backends, backend):
 def test_orthogonalize_matches_hook_ablation_and_restores(backends, name):
     model, tok, bridge, hooked = backends(name)
     d = _direction(64, seed=2)
-    ids, mask = bridge.to_tokens(TEXTS[:3])
+    ids, mask = bridge.tokenize(TEXTS[:3])
     real = mask.bool()
     digest = _state_hash(model)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -328,7 +328,7 @@ def test_orthogonalize_permanently_unties_head(tiny):
     model = copy.deepcopy(model)
     bridge = HookBridge(model, tok)
     d = _direction(64, seed=3)
-    ids, mask = bridge.to_tokens(TEXTS[:2])
+    ids, mask = bridge.tokenize(TEXTS[:2])
     with ablate(bridge, d):
         expected = bridge(ids, mask)
     head_before = model.lm_head.weight.detach().clone()

@@ -62,7 +62,7 @@ def test_every_edit_through_hooks_equals_plain_pytorch_and_skips_the_first_token
     d = torch.nn.functional.normalize(torch.randn(d_model), dim=0)
     name = "blocks.1.hook_resid_post"
     clean = clean_cache(bridge, [name])[name]
-    mask = bridge.to_tokens(PROMPTS)[1].bool()
+    mask = bridge.tokenize(PROMPTS)[1].bool()
     first = mask.cumsum(-1) <= 1
     proj = clean[mask & ~first] @ d
     t = float(proj.median())
