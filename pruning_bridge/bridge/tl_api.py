@@ -56,7 +56,7 @@ class BridgeConfig:
     final_rms: bool
     positional_embedding_type: str  # "rotary" or "standard"
     rotary_dim: int | None
-    rotary_base: float | None
+    rotary_base: float
     gated_mlp: bool
     parallel_attn_mlp: bool
     use_qk_norm: bool
@@ -64,8 +64,8 @@ class BridgeConfig:
     model_name: str
     device: torch.device
     dtype: torch.dtype
-    tokenizer_prepends_bos: bool
-    default_prepend_bos: bool  # = tokenizer_prepends_bos: text runs as the tokenizer makes it
+    default_prepend_bos: bool  # whether the tokenizer itself starts text with BOS: the bridge
+    # runs text as the tokenizer makes it
     attn_only: bool = False
     use_attn_result: bool = False
     use_split_qkv_input: bool = False
@@ -99,7 +99,6 @@ def tl_config(model, tokenizer=None) -> BridgeConfig:
     eps = next((getattr(config, name) for name in ("rms_norm_eps", "layer_norm_eps",
                                                    "layer_norm_epsilon")
                 if getattr(config, name, None) is not None), 1e-5)
-    prepends = _prepends_bos(tokenizer)
     return BridgeConfig(
         n_layers=dims.n_layers, d_model=dims.d_model, n_heads=dims.n_heads, d_head=dims.d_head,
         n_key_value_heads=dims.n_kv_heads if dims.n_kv_heads != dims.n_heads else None,
@@ -109,13 +108,12 @@ def tl_config(model, tokenizer=None) -> BridgeConfig:
         eps=eps, normalization_type="RMS" if arch.norm == "rms" else "LN",
         final_rms=arch.norm == "rms",
         positional_embedding_type="rotary" if rotary else "standard",
-        rotary_dim=int(dims.d_head * fraction) if rotary else None,
-        rotary_base=theta if rotary else None, gated_mlp=arch.gated_mlp,
+        rotary_dim=int(dims.d_head * fraction) if rotary else None, rotary_base=theta,
+        gated_mlp=arch.gated_mlp,
         parallel_attn_mlp=arch.parallel(config), use_qk_norm=arch.qk_norm,
         original_architecture=arch.tl_architecture,
         model_name=getattr(config, "_name_or_path", "") or arch.family,
-        device=first.device, dtype=first.dtype, tokenizer_prepends_bos=prepends,
-        default_prepend_bos=prepends)
+        device=first.device, dtype=first.dtype, default_prepend_bos=_prepends_bos(tokenizer))
 
 
 # ---------------------------------------------------------------- weights, TransformerLens-shaped
@@ -287,20 +285,21 @@ class TransformerLensAPI:
                   padding_side: str | None = None, move_to_device: bool = True,
                   truncate: bool = True) -> Tensor:
         """Token ids ``[batch, pos]`` (TransformerLens's ``to_tokens``): padded on the
-        tokenizer's side unless ``padding_side``; ``prepend_bos`` None keeps the tokenizer's own
-        behaviour, True makes sure the first token is BOS, False that it is not."""
+        tokenizer's side unless ``padding_side``; ``prepend_bos`` True makes sure the first token
+        is BOS, False that it is not, None follows ``cfg.default_prepend_bos`` (by default what
+        the tokenizer itself does, as the bridge's own calls on text)."""
         tokenizer = self._need_tokenizer()
+        adds_bos = _prepends_bos(tokenizer)
         prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         texts = [input] if isinstance(input, str) else list(input)
-        if prepend and not self.cfg.tokenizer_prepends_bos:
+        if prepend and not adds_bos:
             texts = [tokenizer.bos_token + text for text in texts]
         side = tokenizer.padding_side
         tokenizer.padding_side = padding_side or side
         try:
             ids = tokenizer(texts, return_tensors="pt", padding=True, truncation=truncate,
                             max_length=self.cfg.n_ctx if truncate else None,
-                            add_special_tokens=prepend or not self.cfg.tokenizer_prepends_bos
-                            )["input_ids"]
+                            add_special_tokens=prepend or not adds_bos)["input_ids"]
         finally:
             tokenizer.padding_side = side
         return ids.to(self.device) if move_to_device else ids
