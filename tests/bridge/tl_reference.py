@@ -99,12 +99,20 @@ def _native(model, tokenizer):
     bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer)
     weights = _gpt2_weights(model, d_model) if kind == "gpt2" else _llama_weights(
         model, n_heads, n_kv, d_head)
-    native_model = bridge.original_model
-    state = {}
-    for key, value in native_model.state_dict().items():
-        plain = key.replace("._original_component", "")
-        state[key] = weights[plain].detach().clone() if plain in weights else torch.zeros_like(value)
-    native_model.load_state_dict(state)
+    params = bridge.original_model.state_dict(keep_vars=True)  # some under two names
+    loaded, used = set(), set()
+    with torch.no_grad():
+        for key, param in params.items():
+            plain = key.replace("._original_component", "")
+            if plain in weights:
+                param.copy_(weights[plain])
+                loaded.add(param.data_ptr())
+                used.add(plain)
+        for key, param in params.items():  # biases the HF model does not have: zero
+            if param.data_ptr() not in loaded:
+                assert key.endswith("bias"), key
+                param.zero_()
+    assert used == set(weights), set(weights) - used
     return bridge
 
 
