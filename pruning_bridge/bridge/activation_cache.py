@@ -75,15 +75,31 @@ class ActivationCache(dict):
         self.attention_mask = self.attention_mask.to(device)
         return self
 
+    @property
+    def cache_dict(self) -> dict[str, Tensor]:
+        """The activations by name (this cache itself), as TransformerLens's attribute."""
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "ActivationCache":
+        """A new cache of the rows ``batch_slice`` selects (TransformerLens's method)."""
+        from transformer_lens.utilities import Slice
+
+        batch_slice = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
+        sliced = self.transformer_lens().apply_slice_to_batch_dim(batch_slice)
+        return ActivationCache(sliced.cache_dict, batch_slice.apply(self.attention_mask, dim=0),
+                               self.model, sliced.has_batch_dim)
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """TransformerLens's ``toggle_autodiff``: torch's autograd on or off, globally."""
+        self.transformer_lens().toggle_autodiff(mode)
+
     def remove_batch_dim(self) -> "ActivationCache":
         """Drop the batch dimension of a batch of one, in place (TransformerLens's method)."""
-        if self.has_batch_dim:
-            if any(value.shape[0] != 1 for value in self.values()):
-                raise UsageError("remove_batch_dim needs a batch of one.")
-            for name, value in self.items():
-                self[name] = value[0]
+        tl = self.transformer_lens()
+        tl.remove_batch_dim()
+        if self.has_batch_dim and not tl.has_batch_dim:
             self.attention_mask = self.attention_mask[0]
-            self.has_batch_dim = False
+        self.has_batch_dim = tl.has_batch_dim
         return self
 
     # ------------------------------------------------------- TransformerLens's methods

@@ -104,7 +104,7 @@ def tl_config(model, tokenizer=None) -> BridgeConfig:
         n_key_value_heads=dims.n_kv_heads if dims.n_kv_heads != dims.n_heads else None,
         d_mlp=dims.d_mlp, d_vocab=config.vocab_size, d_vocab_out=config.vocab_size,
         n_ctx=dims.context or 2048,
-        act_fn=getattr(config, "hidden_act", None) or getattr(config, "activation_function"),
+        act_fn=getattr(config, "hidden_act", None) or config.activation_function,
         eps=eps, normalization_type="RMS" if arch.norm == "rms" else "LN",
         final_rms=arch.norm == "rms",
         positional_embedding_type="rotary" if rotary else "standard",

@@ -233,8 +233,7 @@ def test_reading_them_keeps_the_model_exact(tiny, bridges, name):
     the values fit together: head results sum to hook_attn_out, the copies are resid_pre's,
     hook_mlp_in is the MLP branch's input, the unembedding's are ln_final's output and the
     logits."""
-    model, tok = tiny(name)
-    bridge = bridges(name)
+    model, bridge = tiny(name)[0], bridges(name)
     ids, mask = bridge.tokenize(PROMPTS)
     short = ("hook_resid_pre", "hook_attn_in", *SPLIT, "attn.hook_result", "hook_attn_out",
              "hook_mlp_in", "hook_resid_mid")
@@ -246,7 +245,9 @@ def test_reading_them_keeps_the_model_exact(tiny, bridges, name):
     n_kv = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     out_proj = PATHS[name][4]
     for layer in range(4):
-        get = lambda n: cache[f"blocks.{layer}.{n}"]  # noqa: E731
+        def get(short_name, layer=layer):
+            return cache[f"blocks.{layer}.{short_name}"]
+
         copies = get("hook_resid_pre")[:, :, None].expand(-1, -1, 4, -1)
         for hook, heads in (("hook_attn_in", 4), ("hook_q_input", 4), ("hook_k_input", n_kv),
                             ("hook_v_input", n_kv)):
@@ -289,10 +290,9 @@ def test_flags_add_them_to_the_full_cache(tiny):
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_edits_during_generation_equal_stepwise_decoding(tiny, bridges, name):
+def test_edits_during_generation_equal_stepwise_decoding(bridges, name):
     """Under the KV cache an edited key input and an edited head result act at every step as
     they do when each step is run without the cache."""
-    model, tok = tiny(name)
     bridge = bridges(name)
     def steer(x, hook):  # zero head 1's output, push head 0's
         x = x.clone()

@@ -93,6 +93,13 @@ def test_run_with_cache_names_filter_and_return_types(tiny, bridges):
     assert output is None and cache[wanted[0]].shape == (ids.shape[1], model.config.hidden_size)
     loss, _ = bridge.run_with_cache(ids, wanted, return_type="loss")
     torch.testing.assert_close(loss, expected)
+    _, batch = bridge.run_with_cache(TEXTS, wanted)
+    with pytest.raises(AssertionError, match="batch size 2"):  # TransformerLens's own check
+        batch.remove_batch_dim()
+    second = batch.apply_slice_to_batch_dim(1)
+    assert torch.equal(second[wanted[0]], batch[wanted[0]][1]) and not second.has_batch_dim
+    assert torch.equal(second.attention_mask, batch.attention_mask[1])
+    assert batch.cache_dict is batch
     ids, mask = bridge.tokenize(TEXTS)  # left padding: only real next tokens count
     loss = bridge(ids, attention_mask=mask, return_type="loss")
     rows = [F.cross_entropy(bridge(text)[0, :-1], bridge.tokenize(text)[0][0, 1:],
