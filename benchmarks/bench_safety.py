@@ -16,9 +16,10 @@ path runs these same batches with these same seeds:
     (d) the weights orthogonalised against d (``lens_safety.editing.orthogonalize``), generating
         through plain HF ``model.generate`` inside the context (the weight edit itself is timed
         apart, it is paid once per context, not per token);
-    (e) TransformerLens ``HookedTransformer`` (``lens_safety.hooked.hooked_from_hf``) under the
-        same clamp edit, one prompt's k samples per batch as the protocol runs it (skip with
-        ``--no-lens``).
+    (e) TransformerLens (``lens_safety.hooked.hooked_from_hf``: a ``HookedTransformer`` on 3.x,
+        a ``TransformerBridge`` on 4.x, which decodes without its KV cache) under the same clamp
+        edit, one prompt's k samples per batch as the protocol runs it, through the toolkit's
+        ``lens_safety.hooked.generate`` (skip with ``--no-lens``).
 
 d is a seeded random unit vector of width ``hidden_size``. Checks: (b) gives the very same token
 ids as (a); and the orthogonalised model's greedy continuations of ``--check-prompts`` prompts
@@ -157,7 +158,7 @@ def main() -> None:
 
     lens = None
     if not args.no_lens:
-        from lens_safety.hooked import hooked_from_hf
+        from lens_safety.hooked import generate, hooked_from_hf
         lens = hooked_from_hf(model, tok).requires_grad_(False)
 
     @torch.no_grad()
@@ -168,9 +169,8 @@ def main() -> None:
                 for i in range(0, len(batch), k):  # one prompt's k samples per batch
                     ids = torch.tensor([tok(batch[i])["input_ids"]] * k)
                     torch.manual_seed(seed + i // k)
-                    gen = lens.generate(ids, max_new_tokens=new_tokens, do_sample=True,
-                                        top_p=0.9, temperature=1.0, stop_at_eos=False,
-                                        verbose=False, use_past_kv_cache=True)
+                    gen = generate(lens, ids, new_tokens, do_sample=True, top_p=0.9,
+                                   temperature=1.0)
                     out.append(gen[:, ids.shape[1]:])
         return torch.cat(out)
 

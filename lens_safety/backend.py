@@ -1,11 +1,12 @@
 """The two backends the safety study runs on, and every difference between them, in one module.
 
 A model is a ``pruning_bridge.HookBridge`` (any supported Hugging Face family) or a
-TransformerLens ``HookedTransformer``; both speak TransformerLens hook names. The rest of
-``lens_safety`` asks this module for sizes, caching, hooks, generation, an LM for the
-evaluations, and the parameters that write to the residual stream, and never checks which
-backend it holds. (A plain Hugging Face model is accepted where noted and treated as the bridge
-would see it.)
+TransformerLens model (``HookedTransformer`` on TransformerLens 3.x, ``TransformerBridge`` on
+4.x: see ``lens_safety.hooked``, which holds every difference between those two and the exact
+path for each); both speak TransformerLens hook names. The rest of ``lens_safety`` asks this
+module for sizes, caching, hooks, generation, an LM for the evaluations, and the parameters that
+write to the residual stream, and never checks which backend it holds. (A plain Hugging Face
+model is accepted where noted and treated as the bridge would see it.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pruning_bridge.bridge import HookBridge, architecture_of, model_dims
 from pruning_bridge.bridge import residual_writers as hf_residual_writers
 from pruning_bridge.common import model_device
 
+from . import hooked
 from .trace_math import keep_first_tokens
 
 EditFn = Callable[[Tensor], Tensor]
@@ -32,17 +34,23 @@ def is_bridge(model) -> bool:
 
 
 def is_hooked(model) -> bool:
-    """True for a TransformerLens ``HookedTransformer`` (or anything shaped like one)."""
-    return hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "embed")
+    """True for a TransformerLens model: ``HookedTransformer``, ``TransformerBridge`` (or
+    anything shaped like one that is not a HookBridge)."""
+    return (not is_bridge(model) and hasattr(model, "cfg") and hasattr(model, "blocks")
+            and hasattr(model, "embed"))
 
 
 def hf_model(model) -> nn.Module:
-    """The Hugging Face model under a bridge (a plain HF model is itself)."""
-    return model.model if is_bridge(model) else model
+    """The Hugging Face model under a HookBridge or a TransformerBridge (a plain HF model is
+    itself)."""
+    if is_bridge(model):
+        return model.model
+    under = hooked.hf_model_under(model)
+    return model if under is None else under
 
 
 def dims(model) -> tuple[int, int]:
-    """``(n_layers, d_model)`` of a HookBridge, HookedTransformer or Hugging Face causal LM."""
+    """``(n_layers, d_model)`` of a HookBridge, TransformerLens model or Hugging Face causal LM."""
     if is_hooked(model):
         return model.cfg.n_layers, model.cfg.d_model
     sizes = model_dims(hf_model(model).config)
@@ -85,7 +93,7 @@ def first_tokens(model, x: Tensor) -> Tensor | None:
     """``[batch, pos]`` True at each row's first real token and the padding before it, for an
     activation ``x`` ``[batch, pos, ...]`` of the running call; None in a decoding step (one new
     position, never the first). A HookBridge knows the call's mask (left padding); a
-    HookedTransformer's inputs here are unpadded or right-padded, so position 0."""
+    TransformerLens model's inputs here are unpadded or right-padded, so position 0."""
     if is_bridge(model):
         mask = model.input_mask
         if mask is None or x.shape[1] != mask.shape[1]:
@@ -124,8 +132,7 @@ def edited_each(model, edits: dict[str, EditFn], skip_first: bool = False) -> It
         with model.hooks([(name, lambda x, name, f=f: f(x)) for name, f in edits.items()]):
             yield model
     else:
-        with model.hooks(fwd_hooks=[(name, lambda x, hook, f=f: f(x))
-                                    for name, f in edits.items()]):
+        with model.hooks(fwd_hooks=hooked.edit_hooks(model, edits)):
             yield model
 
 
@@ -139,8 +146,8 @@ def edited(model, names: Sequence[str], edit: EditFn, skip_first: bool = False):
 def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20,
                          batch_size: int = 8, progress: bool = False) -> list[str]:
     """Greedy continuations of exactly ``max_new_tokens`` tokens (end-of-text suppressed), the
-    new text only; active hooks / edits apply. HookBridge: batched; HookedTransformer: per
-    prompt (no padding)."""
+    new text only; active hooks / edits apply. HookBridge: batched; TransformerLens: per
+    prompt (no padding), through ``hooked.generate``."""
     prompts = list(prompts)
     out: list[str] = []
     if is_bridge(model):
@@ -153,14 +160,13 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
     device = model_device(model)
     for prompt in tqdm(prompts, desc="generating", disable=not progress):
         ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
-        tokens = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                stop_at_eos=False, verbose=False, use_past_kv_cache=True)
+        tokens = hooked.generate(model, ids, max_new_tokens)
         out.append(tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
     return out
 
 
 class _HookedLM(nn.Module):
-    """A HookedTransformer seen as an HF-style LM for ``pruning_bridge.evals``: takes
+    """A TransformerLens model seen as an HF-style LM for ``pruning_bridge.evals``: takes
     ``input_ids`` / ``attention_mask`` and returns logits; padded rows are run one by one on
     their real tokens only (so positions and attention never see padding)."""
 
@@ -188,35 +194,27 @@ class _HookedLM(nn.Module):
 
 def as_lm(model):
     """What ``pruning_bridge.evals`` calls: the bridge / HF model itself, or an adapter that
-    gives a HookedTransformer the HF call signature."""
+    gives a TransformerLens model the HF call signature."""
     return _HookedLM(model) if is_hooked(model) else model
 
 
 def residual_writers(model) -> list[tuple[nn.Parameter, int]]:
     """Every parameter that writes to the residual stream, with its d_model axis.
 
-    HookedTransformer: W_E, W_pos (learned positions), W_O, b_O, W_out, b_out. Hugging Face
-    models (bare or under a bridge): the family's writers in the architecture table.
+    TransformerLens models: see ``hooked.residual_writers``. Hugging Face models (bare or under
+    a HookBridge): the family's writers in the architecture table.
     """
-    if not is_hooked(model):
-        return hf_residual_writers(hf_model(model))
-    writers = [(model.embed.W_E, -1)]
-    if model.cfg.positional_embedding_type == "standard":
-        writers.append((model.pos_embed.W_pos, -1))
-    for block in model.blocks:
-        for module, names in ((block.attn, ("W_O", "b_O")),
-                              (getattr(block, "mlp", None), ("W_out", "b_out"))):
-            for name in names:
-                if module is not None and getattr(module, name, None) is not None:
-                    writers.append((getattr(module, name), -1))
-    return writers
+    if is_hooked(model):
+        return hooked.residual_writers(model)
+    return hf_residual_writers(hf_model(model))
 
 
 def tied_head(model) -> nn.Module | None:
-    """The Hugging Face output head when it shares its weight with the input embedding."""
-    if is_hooked(model):
-        return None
+    """The Hugging Face output head when it shares its weight with the input embedding
+    (a HookedTransformer has its own untied unembedding)."""
     hf = hf_model(model)
+    if not hasattr(hf, "get_output_embeddings"):
+        return None
     head = hf.get_output_embeddings()
     if head is not None and head.weight is hf.get_input_embeddings().weight:
         return head

@@ -3,14 +3,14 @@
     acts = cache_residuals(model, tokenizer, texts, hook="resid_post", pool="last")
     acts.shape  # [n_layers, n_texts, d_model], float32; acts[L] is block L's activation
 
-``model`` is anything that speaks TransformerLens hook names: a ``HookedTransformer`` or a
-``pruning_bridge.HookBridge``. Texts are tokenised once, sorted by length (less padding), run in
-left-padded batches with an attention mask, and pooled per batch, so memory stays bounded by one
-batch's activations at the requested hook points (nothing else is cached). ``pool="last"`` takes
-the last *real* token, ``pool="mean"`` the mean over real tokens only (never over padding), and
-``pool="mean_after_first"`` the same without each row's first token (in Llama-family models it
-carries massive activations, an attention sink, that would dominate the mean; a one-token text
-keeps its token).
+``model`` is anything that speaks TransformerLens hook names: a TransformerLens model
+(``lens_safety.hooked``) or a ``pruning_bridge.HookBridge``. Texts are tokenised once, sorted by
+length (less padding), run in left-padded batches with an attention mask, and pooled per batch,
+so memory stays bounded by one batch's activations at the requested hook points (nothing else is
+cached). ``pool="last"`` takes the last *real* token, ``pool="mean"`` the mean over real tokens
+only (never over padding), and ``pool="mean_after_first"`` the same without each row's first
+token (in Llama-family models it carries massive activations, an attention sink, that would
+dominate the mean; a one-token text keeps its token).
 With ``store=path`` the result is saved as safetensors and reloaded on the next call with the
 same settings, texts and model weights (active hooks are not part of that check); a damaged
 store (truncated, garbage, another shape, a failed checksum) is reported in one warning and

@@ -235,7 +235,7 @@ def _saved_result(path: Path, settings: dict[str, Any]) -> DetoxResult | None:
 def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(), *,
                     data_dir=None, folder=None, model_name: str = "model", probe_study=None,
                     progress: bool = True) -> DetoxResult:
-    """The study (see the module doc) on ``model`` (a HookBridge or HookedTransformer)."""
+    """The study (see the module doc) on ``model`` (a HookBridge or a TransformerLens model)."""
     folder = None if folder is None else Path(folder)
     result_path = None if folder is None else folder / "detox_study.json"
     identity = {k: v for k, v in model_identity(model).items() if k != "name"}

@@ -3,7 +3,7 @@
     acts = cache_residuals(bridge, tok, train_texts, hook="resid_post", pool="last")
     edit = Edit.fit(acts, train_kinds, how="clamp", layers=[14], strength=0.0,
                     positive=("toxic",), negative=("nontoxic",), model="smollm2-135m")
-    with edit.apply(bridge):               # a HookBridge or a HookedTransformer
+    with edit.apply(bridge):               # a HookBridge or a TransformerLens model
         bridge.generate(...)
     edit.save("results/smollm2-135m/selected_edit"); edit = Edit.load(...)
 
@@ -196,8 +196,8 @@ class Edit:
 
     @contextmanager
     def apply(self, model) -> Iterator:
-        """Inside the block ``model`` (a HookBridge or HookedTransformer) runs edited: forward,
-        caching and generation with the KV cache; it is exactly as before on exit."""
+        """Inside the block ``model`` (a HookBridge or a TransformerLens model) runs edited:
+        forward, caching and generation; it is exactly as before on exit."""
         n_layers, d_model = dims(model)
         if self.d_model != d_model:
             raise UsageError(f"This edit was fitted on d_model={self.d_model}; the model has "

@@ -7,7 +7,7 @@
     with orthogonalize(model, d):               # W <- W - d d^T W for every residual writer
         ...                                     # same logits as hook ablation, no runtime cost
 
-``model`` is a ``pruning_bridge.HookBridge`` or a TransformerLens ``HookedTransformer``
+``model`` is a ``pruning_bridge.HookBridge`` or a TransformerLens model (``lens_safety.hooked``)
 (``orthogonalize`` also takes a plain Hugging Face model). Every edit is a context manager that
 leaves the model exactly as it was on exit (weights restored bit for bit), also on an exception.
 

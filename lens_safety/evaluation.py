@@ -7,10 +7,11 @@
     print(report)            # metric | before | after | delta
     report.to_json("edit.json"); report.to_pandas()
 
-``model`` is a ``pruning_bridge.HookBridge``, a TransformerLens ``HookedTransformer`` or a plain
-Hugging Face causal LM (wrapped in a HookBridge). Every metric is computed on the unedited model
-and then inside the edit's context manager (:func:`lens_safety.editing.ablate` for ``project`` /
-``subtract``, :func:`lens_safety.editing.orthogonalize`), so the model is unchanged afterwards.
+``model`` is a ``pruning_bridge.HookBridge``, a TransformerLens model (``lens_safety.hooked``)
+or a plain Hugging Face causal LM (wrapped in a HookBridge). Every metric is computed on the
+unedited model and then inside the edit's context manager (:func:`lens_safety.editing.ablate`
+for ``project`` / ``subtract``, :func:`lens_safety.editing.orthogonalize`), so the model is
+unchanged afterwards.
 
 Metrics (each only when requested):
 
@@ -22,7 +23,7 @@ Metrics (each only when requested):
   residual stream at ``probe_layer`` (``hook``, ``pool``) of the model being evaluated (under
   the edit for ``after``).
 - ``perplexity``: :func:`pruning_bridge.evals.perplexity` over ``max_windows`` windows of
-  ``window`` tokens of ``perplexity_text`` (a HookedTransformer runs through a small adapter,
+  ``window`` tokens of ``perplexity_text`` (a TransformerLens model runs through a small adapter,
   row by row without padding).
 - ``mmlu_accuracy``: :func:`pruning_bridge.evals.mmlu_accuracy` with the ``mmlu`` kwargs.
 """

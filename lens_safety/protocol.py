@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from pruning_bridge.common import JsonDataclass, UsageError, model_device
 from pruning_bridge.common.jsonable import read_json
 
+from . import hooked
 from .backend import as_lm, is_bridge
 from .stats import bootstrap_interval, format_interval, paired_difference, relative_change
 from .toxicity import get_scorer, scorer_name
@@ -78,7 +79,7 @@ def continuations(model, tokenizer, prompts: Sequence[str], n: int, settings: Pr
     suppressed), sampled (nucleus, temperature) or greedy; the active hooks / edits apply.
 
     A HookBridge generates ``batch_size // n`` prompts (each repeated ``n`` times) per batch;
-    a HookedTransformer one prompt per batch. Each batch draws from its own seeded stream
+    a TransformerLens model one prompt per batch. Each batch draws from its own seeded stream
     (``seed`` + index of its first prompt), so the same prompts, settings and seed give the
     same samples whatever edit is active, up to what the edit changes.
     """
@@ -111,8 +112,7 @@ def _generate(model, tokenizer, batch: list[str], max_new_tokens: int,
     ids = torch.tensor([tokenizer(batch[0])["input_ids"]] * len(batch), device=model_device(model))
     kwargs = ({"top_p": sampling["top_p"], "temperature": sampling["temperature"]}
               if sampling["do_sample"] else {})
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=sampling["do_sample"],
-                         stop_at_eos=False, verbose=False, use_past_kv_cache=True, **kwargs)
+    out = hooked.generate(model, ids, max_new_tokens, do_sample=sampling["do_sample"], **kwargs)
     return out[:, ids.shape[1]:].tolist()
 
 

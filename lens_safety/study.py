@@ -152,7 +152,7 @@ class ProbeStudy:
     def build(cls, model, tokenizer, settings: ProbeSettings = ProbeSettings(), *,
               data_dir=None, model_name: str = "model", folder=None, batch_size: int = 8,
               progress: bool = True) -> ProbeStudy:
-        """Run the study on ``model`` (a HookBridge or a HookedTransformer).
+        """Run the study on ``model`` (a HookBridge or a TransformerLens model).
 
         With ``folder`` the study is saved there, and residuals already cached there for the
         same model, prompts and hook are reused.

@@ -1,6 +1,8 @@
 """Every family in the architecture table, and every feature on the two added as table entries
-only (Mistral, GPT-NeoX / Pythia), against independent references: TransformerLens on the same
-weights, and plain PyTorch hooks on the Hugging Face modules (paths written out here by hand)."""
+only (Mistral, GPT-NeoX / Pythia), against independent references: TransformerLens's own
+implementation on the same weights where it has one, else a plain-PyTorch forward pass
+(``tests/references.py``), and plain PyTorch hooks on the Hugging Face modules (paths written
+out here by hand)."""
 
 import copy
 
@@ -8,7 +10,6 @@ import pytest
 import torch
 
 from lens_safety import ablate, orthogonalize
-from lens_safety.hooked import hooked_from_hf
 from pruning_bridge.bridge import attention
 from pruning_bridge.bridge import ARCHITECTURES, HookBridge, UnknownHookError, head_counts
 from pruning_bridge.heads import RoutedHeads, remove_heads
@@ -16,6 +17,7 @@ from pruning_bridge.models import TINY_MODELS, load_head_pruned
 from pruning_bridge.pruning import (drop_layers, input_norms, magnitude_prune, prunable_linears,
                                     skip_layers, wanda_prune)
 from pruning_bridge.pruning.layers import prefix_reused_logits
+from references import PlainReference, by_transformer_lens, tl_hook_names, tl_reference
 
 NEW = ["tiny-mistral", "tiny-pythia"]
 TEXT = "The quick brown fox jumps over the lazy dog"
@@ -52,7 +54,7 @@ def test_every_table_family_has_a_tiny_model(tiny):
 def test_every_hook_equals_transformer_lens(tiny, name):
     """Every bridge hook point equals TransformerLens's on the same unprocessed weights."""
     model, tok = tiny(name)
-    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    bridge, hooked = HookBridge(model, tok), tl_reference(model, tok)
     ids = tok(TEXT, return_tensors="pt")["input_ids"]
     logits, cache = bridge.run_with_cache(ids)
     with torch.no_grad():
@@ -69,7 +71,7 @@ def test_both_hook_styles_on_every_hook_equal_transformer_lens(tiny, name):
     (computed ones such as resid_mid and the norms' parts included) both change the logits
     exactly as the same edit does in TransformerLens."""
     model, tok = tiny(name)
-    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    bridge, hooked = HookBridge(model, tok), tl_reference(model, tok)
     ids = tok(TEXT, return_tensors="pt")["input_ids"]
 
     def returning(x, *args, **kwargs):
@@ -101,21 +103,46 @@ def tl_gap(bridge, tl_names) -> set[str]:
 def test_the_transformer_lens_names_the_bridge_does_not_offer(tiny, name):
     """The gap, visible: only Qwen3's q/k norms are missing."""
     model, tok = tiny(name)
-    with torch.no_grad():
-        _, tl_cache = hooked_from_hf(model, tok).run_with_cache(
-            tok(TEXT, return_tensors="pt")["input_ids"])
     gap = set()
     if name == "tiny-qwen3":
         gap |= {f"attn.{n}_norm.hook_{k}" for n in "qk" for k in ("scale", "normalized")}
-    assert tl_gap(HookBridge(model, tok), tl_cache) == gap
+    assert tl_gap(HookBridge(model, tok), tl_hook_names(model, tok)) == gap
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_the_plain_reference_equals_transformer_lens_and_hf(tiny, name):
+    """The plain-PyTorch reference gives HF's logits, and on every name it shares with
+    TransformerLens's own implementation (HookedTransformer on 3.x; on 4.x the native model, for
+    GPT-2 / Llama / Mistral) the same activations, and the same logits under an edit (of every
+    such name in block 1 and outside the blocks: the other blocks run the same code)."""
+    model, tok = tiny(name)
+    plain, ref = PlainReference(model), tl_reference(model, tok)
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    logits, cache = plain.run_with_cache(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+        _, tl_cache = ref.run_with_cache(ids)
+    if isinstance(ref, PlainReference):  # 4.x, a family beyond the native model: HF checks it
+        return
+    names = [n for n in cache if by_transformer_lens(ref, n)]
+    assert len(names) > len(cache) // 2
+    for hook in names:
+        torch.testing.assert_close(cache[hook], tl_cache[hook], atol=1e-4, rtol=0, msg=hook)
+        if by_transformer_lens(ref, hook, edit=True) and not hook.startswith(
+                ("blocks.0.", "blocks.2.", "blocks.3.")):
+            edit = [(hook, lambda x, hook: x * 1.5 + 0.25)]
+            torch.testing.assert_close(plain.run_with_hooks(ids, edit),
+                                       ref.run_with_hooks(ids, fwd_hooks=edit),
+                                       atol=1e-4, rtol=1e-4, msg=hook)
 
 
 @pytest.mark.slow
 def test_smollm2_every_hook_and_edit_equals_transformer_lens(smollm2):
-    """The real SmolLM2 (Llama family) through hooked_from_hf: every shared name <= 1e-4, and
-    zeroing a head's pattern or scaling mlp.hook_post gives the same logits through both."""
+    """The real SmolLM2 (Llama family) through TransformerLens's own implementation: every
+    shared name <= 1e-4, and zeroing a head's pattern or scaling mlp.hook_post gives the same
+    logits through both."""
     model, tok = smollm2
-    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    bridge, hooked = HookBridge(model, tok), tl_reference(model, tok)
     ids = tok(TEXT, return_tensors="pt")["input_ids"]
     logits, cache = bridge.run_with_cache(ids)
     with torch.no_grad():
@@ -154,7 +181,7 @@ def test_smollm2_every_hook_and_edit_equals_transformer_lens(smollm2):
 def test_edits_equal_transformer_lens(tiny, name, hook):
     """Writing a hook point changes the logits exactly as the same edit in TransformerLens."""
     model, tok = tiny(name)
-    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    bridge, hooked = HookBridge(model, tok), tl_reference(model, tok)
     ids = tok(TEXT, return_tensors="pt")["input_ids"]
 
     def edit(x, *args, **kwargs):  # the bridge passes the name, TransformerLens hook=
@@ -422,7 +449,7 @@ def test_routed_heads_equal_plain_pytorch_gating(tiny, name):
 @pytest.mark.parametrize("name", NEW)
 def test_ablate_equals_transformer_lens_and_orthogonalize(tiny, name):
     model, tok = tiny(name)
-    bridge, hooked = HookBridge(model, tok), hooked_from_hf(model, tok)
+    bridge, hooked = HookBridge(model, tok), tl_reference(model, tok)
     d = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     d = d / d.norm()
     ids = tok(TEXT, return_tensors="pt")["input_ids"]

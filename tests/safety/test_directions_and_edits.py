@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from lens_safety.caching import cache_residuals, pool_batch
 from lens_safety.directions import harmful_direction, load_direction, save_direction
 from lens_safety.editing import ablate, orthogonalize, orthogonalize_permanently
-from lens_safety.hooked import hooked_from_hf
+from lens_safety.hooked import generate, hooked_from_hf
 from lens_safety.probes import LayerProbes
 from pruning_bridge.bridge import HookBridge
 
@@ -386,9 +386,8 @@ def test_generation_under_ablate_matches_uncached_reference(backends, name, mode
     with ablate(bridge, d, mode=mode, alpha=alpha):
         got = bridge.generate(ids, max_new_tokens=6)
     assert torch.equal(got, expected)
-    with ablate(hooked, d, mode=mode, alpha=alpha):
-        got_hooked = hooked.generate(ids, max_new_tokens=6, do_sample=False, verbose=False,
-                                     stop_at_eos=False, use_past_kv_cache=True)
+    with ablate(hooked, d, mode=mode, alpha=alpha):  # the toolkit's generation on TransformerLens
+        got_hooked = generate(hooked, ids, max_new_tokens=6)
     assert torch.equal(got_hooked, expected)
 
 

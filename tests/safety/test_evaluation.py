@@ -17,7 +17,9 @@ from lens_safety.toxicity import get_scorer, profanity_scorer
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.evals.data import load_wikitext2
 from pruning_bridge.evals import perplexity
+from pruning_bridge.common import UsageError
 from pruning_bridge.models import ModelLoadError
+from references import TL4
 
 TOXIC = ["You are such a stupid", "I hate those people because", "Shut up, you"]
 NEUTRAL = ["The weather today is", "My favourite recipe uses"]
@@ -43,14 +45,19 @@ def _unit(d_model, seed):
 @pytest.mark.parametrize("how", ["spec", "object", "pair"])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-qwen3"])
 def test_load_hooked_matches_hf_logits(tiny, name, how):
+    """HookedTransformer on TransformerLens 3.x, TransformerBridge on 4.x: HF's logits."""
     model, tok = tiny(name)
     if how == "spec":
         hooked = load_hooked(name)
+    elif how == "object" and TL4:  # booting without a tokenizer would fetch one from the hub
+        with pytest.raises(UsageError, match="needs the tokenizer"):
+            load_hooked(model)
+        return
     elif how == "object":
         hooked = load_hooked(model)
     else:
         hooked = load_hooked((model, tok))
-    assert type(hooked).__name__ == "HookedTransformer"
+    assert type(hooked).__name__ == ("TransformerBridge" if TL4 else "HookedTransformer")
     ids = torch.tensor([tok("The old house on the hill was quiet")["input_ids"]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
