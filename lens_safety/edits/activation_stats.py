@@ -44,6 +44,18 @@ def real_token_mask(attention_mask: Tensor, skip_first: bool = True) -> Tensor:
     return keep
 
 
+def keep_first_token(x: Tensor, edited: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """``edited``, but ``x`` at each row's first real token and any padding before it
+    (``attention_mask`` ``[batch, pos]``, 1 = real token; ``x`` is ``[batch, pos, ...]``). No
+    mask, or a decoding step whose positions differ from the mask's: ``edited`` everywhere (the
+    first token was in the prompt). Torch only: it runs inside traces."""
+    if attention_mask is None or x.shape[1] != attention_mask.shape[1]:
+        return edited
+    first = attention_mask.to(x.device).cumsum(-1) <= 1
+    first = first.reshape(first.shape + (1,) * (x.ndim - 2))
+    return torch.where(first, x, edited)
+
+
 def last_token_index(attention_mask: Tensor) -> Tensor:
     """``[batch]``: the position of each row's last real token (left or right padding)."""
     real = attention_mask.bool()
