@@ -8,13 +8,6 @@ first use (a module ``__getattr__``), so that ``pruning-bridge --help`` starts w
 
 from .common.lazy import lazy_exports
 
-# The deprecated modules named like the sweep functions load now and their names are dropped:
-# ``pruning_bridge.layer_sweep`` is then the function (from ``__getattr__``), and a later
-# ``import pruning_bridge.layer_sweep`` finds the module loaded and cannot rebind the name.
-from . import head_sweep, layer_sweep, weight_sweep  # noqa: F401  isort: skip
-
-del head_sweep, layer_sweep, weight_sweep
-
 _EXPORTS = {
     "bridge": ("ARCHITECTURES", "ActivationCache", "HookBridge", "UnknownHookError",
                "UnsupportedArchitectureError", "architecture_of", "model_dims"),

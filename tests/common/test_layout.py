@@ -1,47 +1,50 @@
-"""The package layout: old import paths still work for one release, with a DeprecationWarning."""
+"""The package layout: the public API is re-exported at the top, and no old module path is left."""
 
 import importlib
+import pkgutil
 
 import pytest
 
-MOVED = {
-    "adapters": ("bridge.adapters", "adapter_for"),
-    "data": ("evals.data", "load_mmlu"),
-    "tasks": ("evals.tasks", "parse_tasks"),
-    "results": ("common.results", "ResultsLog"),
-    "report": ("common.report", "write_report"),
-    "layers": ("pruning.layers", "skip_layers"),
-    "layer_sweep": ("pruning.layer_sweep", "layer_sweep"),
-    "weights": ("pruning.weights", "magnitude_prune"),
-    "weight_sweep": ("pruning.weight_sweep", "weight_sweep"),
-    "head_routing": ("heads.routing", "RoutedHeads"),
-    "router_training": ("heads.training", "train_router"),
-    "head_importance": ("heads.importance", "mean_gate_importance"),
-    "head_removal": ("heads.removal", "remove_heads"),
-    "head_sweep": ("heads.sweep", "head_sweep"),
-    "head_study": ("heads.study", "run_head_study"),
-}
+import pruning_bridge
 
+SUBPACKAGES = ("bridge", "evals", "heads", "pruning")
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_import_path_warns_and_forwards(old):
-    new, name = MOVED[old]
-    module = importlib.import_module(f"pruning_bridge.{old}")
-    with pytest.warns(DeprecationWarning, match=f"pruning_bridge.{new}"):
-        value = getattr(module, name)
-    assert value is getattr(importlib.import_module(f"pruning_bridge.{new}"), name)
-    with pytest.raises(AttributeError):
-        getattr(module, "no_such_name_here")
+# Module paths of the first release (never published), removed in issue 24.
+REMOVED = ("adapters", "data", "tasks", "results", "report", "layers", "layer_sweep", "weights",
+           "weight_sweep", "router_training", "head_importance", "head_removal", "head_routing",
+           "head_study", "head_sweep")
 
 
 def test_public_api_is_reexported():
-    import pruning_bridge
-    import pruning_bridge.heads as heads
-
-    for name in heads.__all__:  # the heads API is part of the top-level package
-        if name in pruning_bridge.__all__:
-            assert getattr(pruning_bridge, name) is getattr(heads, name)
+    """Every top-level name is the object its subpackage defines, under the same name."""
+    exports = pruning_bridge._EXPORTS
+    for module, names in exports.items():
+        sub = importlib.import_module(f"pruning_bridge.{module}")
+        for name in names:
+            assert getattr(pruning_bridge, name) is getattr(sub, name), (module, name)
+    for package in SUBPACKAGES:  # what a subpackage exports at the top is in its __all__
+        sub = importlib.import_module(f"pruning_bridge.{package}")
+        assert set(exports[package]) <= set(sub.__all__), package
     for name in pruning_bridge.__all__:
         assert hasattr(pruning_bridge, name), name
-    assert {"RoutedHeads", "train_router", "remove_heads", "run_head_study"} <= set(
+    assert {"RoutedHeads", "train_router", "remove_heads", "run_head_study", "HookBridge",
+            "load_model", "layer_sweep", "weight_sweep", "head_sweep"} <= set(
         pruning_bridge.__all__)
+
+
+@pytest.mark.parametrize("old", REMOVED)
+def test_old_module_paths_are_gone(old):
+    """``pruning_bridge.<old>`` is not a module; where a function has the name, it is that."""
+    assert old not in {m.name for m in pkgutil.iter_modules(pruning_bridge.__path__)}
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"pruning_bridge.{old}")
+
+
+def test_the_sweep_names_are_functions():
+    from pruning_bridge import head_sweep, layer_sweep, weight_sweep
+    from pruning_bridge.heads import head_sweep as heads_head_sweep
+    from pruning_bridge.pruning import layer_sweep as pruning_layer_sweep
+
+    assert all(callable(f) for f in (layer_sweep, head_sweep, weight_sweep))
+    assert layer_sweep is pruning_layer_sweep and head_sweep is heads_head_sweep
+    assert pruning_bridge.layer_sweep is layer_sweep

@@ -1,5 +1,0 @@
-"""Deprecated: moved to ``pruning_bridge.heads.routing``."""
-
-from .common.deprecation import moved
-
-__getattr__ = moved(__name__, "pruning_bridge.heads.routing")
