@@ -1,0 +1,221 @@
+"""Linear-AcT against POT's 1-D optimal transport, Mean-AcT and steering by their definitions,
+and the causal (layer after layer) fit against a hand-written two-step fit on GPT-2."""
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from lens_safety.edits.act import (
+    ActError,
+    apply_linear_act,
+    apply_mean_act,
+    apply_steering,
+    bridge_applier,
+    fit_causal,
+    fit_linear_act,
+    fit_mean_act,
+    fit_steering,
+    ot_coupling,
+)
+from lens_safety.edits.activation_stats import collect_activations
+from pruning_bridge.bridge import HookBridge
+
+
+@pytest.mark.parametrize("n,m", [(7, 7), (5, 8), (13, 4), (1, 3), (100, 37)])
+def test_coupling_equals_pot_emd_1d(n, m):
+    rng = np.random.default_rng(n * 100 + m)
+    a, b = rng.normal(size=n), rng.normal(2.0, 3.0, size=m)
+    plan = ot.emd_1d(a, b)  # uniform weights, squared-Euclidean cost
+    i, j, mass = ot_coupling(n, m)
+    dense = np.zeros((n, m))
+    np.add.at(dense, (np.argsort(a)[i.numpy()], np.argsort(b)[j.numpy()]), mass.numpy())
+    np.testing.assert_allclose(dense, plan, atol=1e-12)
+    assert len(i) <= n + m - 1
+
+
+def weighted_fit_on_pot_plan(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Least squares b ~ w a + c over POT's optimal plan (weights = the plan's masses)."""
+    plan = ot.emd_1d(a, b)
+    rows, cols = np.nonzero(plan > 0)
+    w, c = np.polyfit(a[rows], b[cols], 1, w=np.sqrt(plan[rows, cols]))
+    return w, c
+
+
+@pytest.mark.parametrize("n,m", [(200, 200), (150, 260)])
+def test_linear_act_map_equals_pot_fit(n, m):
+    rng = np.random.default_rng(n + m)
+    source = np.stack([rng.normal(0, 1, n), rng.exponential(2.0, n), rng.uniform(-3, 1, n)], 1)
+    target = np.stack([rng.normal(1, 0.5, m), rng.normal(-2, 4, m), rng.gamma(2.0, 1.0, m)], 1)
+    state = fit_linear_act(torch.from_numpy(source).float(), torch.from_numpy(target).float())
+    for d in range(3):
+        a, b = source[:, d].astype(np.float32).astype(np.float64), \
+            target[:, d].astype(np.float32).astype(np.float64)
+        w, c = weighted_fit_on_pot_plan(a, b)
+        assert state["w"][d].item() == pytest.approx(w, rel=1e-5, abs=1e-6)
+        assert state["b"][d].item() == pytest.approx(c, rel=1e-5, abs=1e-5)
+        assert state["low"][d].item() == pytest.approx(a.min())
+        assert state["high"][d].item() == pytest.approx(a.max())
+    if n == m:  # equal sizes: the sorted pairs, as apple/ml-act
+        w, c = np.polyfit(np.sort(source[:, 0]), np.sort(target[:, 0]), 1)
+        assert state["w"][0].item() == pytest.approx(w, rel=1e-5)
+
+
+def test_linear_act_transports_onto_target_quantiles():
+    gen = torch.Generator().manual_seed(0)
+    # target an affine image of the source: the map is exact and lands on the target sample
+    source = torch.randn(500, 4, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+    target = source * torch.tensor([2.0, 0.5, 1.0, 3.0], dtype=torch.float64) + torch.tensor(
+        [3.0, -1.0, 0.0, 0.25], dtype=torch.float64)
+    target = target[torch.randperm(500, generator=gen)]  # pairing is not given
+    state = fit_linear_act(source, target, support=None)
+    torch.testing.assert_close(state["w"], torch.tensor([2.0, 0.5, 1.0, 3.0]))
+    torch.testing.assert_close(state["b"], torch.tensor([3.0, -1.0, 0.0, 0.25]), atol=1e-5,
+                               rtol=1e-5)
+    moved = apply_linear_act(source.float()[None], **state)[0]
+    torch.testing.assert_close(moved.sort(0).values, target.float().sort(0).values,
+                               atol=1e-4, rtol=1e-5)
+    # independent Gaussian samples of the same shape: the map is N(0,1) -> N(3, 2^2)
+    a = torch.randn(20000, 1, generator=gen)
+    b = torch.randn(15000, 1, generator=gen) * 2 + 3
+    state = fit_linear_act(a, b)
+    assert state["w"].item() == pytest.approx(2.0, abs=0.05)
+    assert state["b"].item() == pytest.approx(3.0, abs=0.05)
+    levels = np.linspace(0.02, 0.98, 25)
+    moved = apply_linear_act(a[None], **state)[0].flatten().numpy()
+    np.testing.assert_allclose(np.quantile(moved, levels), np.quantile(b.numpy(), levels),
+                               atol=0.1)
+
+
+def test_linear_act_support_strength_and_identity():
+    gen = torch.Generator().manual_seed(1)
+    source = torch.randn(300, 5, generator=gen)
+    target = torch.randn(300, 5, generator=gen) * 3 - 2
+    state = fit_linear_act(source, target)
+    z = torch.randn(2, 7, 5, generator=gen) * 3  # many values outside the source's range
+    z[0, 0, 0] = source[:, 0].min()  # the bounds themselves are outside (strict)
+    z[0, 1, 0] = source[:, 0].max()
+    out = apply_linear_act(z, **state, lam=1.0)
+    outside = (z <= state["low"]) | (z >= state["high"])
+    assert outside.any() and (~outside).any()
+    assert torch.equal(out[outside], z[outside])
+    torch.testing.assert_close(out[~outside], (state["w"] * z + state["b"])[~outside])
+    half = apply_linear_act(z, **state, lam=0.5)
+    torch.testing.assert_close(half[~outside], (0.5 * (state["w"] * z + state["b"])
+                                                + 0.5 * z)[~outside])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        zd = z.to(dtype)
+        for fn, kw in ((apply_linear_act, state), (apply_mean_act, fit_mean_act(source, target)),
+                       (apply_steering, {"v": torch.ones(5)})):
+            assert torch.equal(fn(zd, **kw, lam=0.0), zd)
+    # quantile support: the 5th and 95th percentiles, as torch.quantile
+    q = fit_linear_act(source, target, support=(0.05, 0.95))
+    torch.testing.assert_close(q["low"], torch.quantile(source, 0.05, dim=0))
+    torch.testing.assert_close(q["high"], torch.quantile(source, 0.95, dim=0))
+
+
+def test_first_real_token_untouched():
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 4, 3, generator=gen)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])  # left padded
+    v = torch.tensor([1.0, -2.0, 0.5])
+    out = apply_steering(z, v, lam=2.0, attention_mask=mask)
+    assert torch.equal(out[0, :3], z[0, :3]) and torch.equal(out[1, 0], z[1, 0])
+    torch.testing.assert_close(out[0, 3], z[0, 3] + 2 * v)
+    torch.testing.assert_close(out[1, 1:], z[1, 1:] + 2 * v)
+    # a decoding step (one position, mask of the whole sequence): edited
+    step = apply_steering(z[:, -1:], v, lam=2.0, attention_mask=torch.ones(2, 9))
+    torch.testing.assert_close(step, z[:, -1:] + 2 * v)
+
+
+def test_mean_act_moves_the_mean_onto_the_target():
+    gen = torch.Generator().manual_seed(3)
+    source = torch.randn(400, 6, generator=gen) * 2 + 1
+    target = torch.randn(300, 6, generator=gen) * 0.5 - 4
+    source[:, 5] = 7.0  # a dead dimension: left alone
+    state = fit_mean_act(source, target)
+    moved = apply_mean_act(source[None], **state, lam=1.0)[0]
+    torch.testing.assert_close(moved[:, :5].double().mean(0), target[:, :5].double().mean(0),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(moved[:, 5], source[:, 5])
+    torch.testing.assert_close(apply_mean_act(source[None], **state, lam=0.25)[0] - source,
+                               0.25 * state["shift"].expand_as(source))
+
+
+def test_steering_vectors():
+    gen = torch.Generator().manual_seed(4)
+    heads, d_head = 3, 8
+    direction = torch.nn.functional.normalize(torch.randn(heads, d_head, generator=gen), dim=-1)
+    source = torch.randn(300, heads, d_head, generator=gen)
+    target = torch.randn(300, heads, d_head, generator=gen) + 2.0 * direction
+    caa = fit_steering(source, target, "mean_diff")["v"]
+    torch.testing.assert_close(caa, target.mean(0) - source.mean(0))
+    iti = fit_steering(source, target, "probe", per_head=True)["v"]
+    assert iti.shape == (heads, d_head)
+    torch.testing.assert_close(iti.norm(dim=-1), torch.ones(heads))
+    cosine = (iti * direction).sum(-1)
+    assert torch.all(cosine > 0.8), cosine  # the probe finds each head's direction, signed
+    whole = fit_steering(source, target, "probe")["v"]
+    assert whole.shape == (heads, d_head) and whole.norm().item() == pytest.approx(1.0)
+    z = torch.randn(2, 5, heads, d_head, generator=gen)
+    torch.testing.assert_close(apply_steering(z, iti, lam=3.0), z + 3.0 * iti)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny):
+    model, tokenizer = tiny("tiny-gpt2")
+    return model.eval(), tokenizer, HookBridge(model, tokenizer)
+
+
+SOURCE = ["You are a stupid idiot and everyone hates you.", "Shut up, you worthless fool!",
+          "I hate all of them, they are disgusting.", "What a pathetic loser you are.",
+          "Get out of here, nobody wants you around.", "Those people are the worst trash."]
+TARGET = ["Thank you for your help with the garden.", "The weather is lovely this morning.",
+          "We read a book about the history of ships.", "She baked bread for her neighbours.",
+          "The museum opens at nine on weekdays.", "He enjoys long walks along the river."]
+
+
+def test_causal_fit_equals_two_step_fit(gpt2):
+    _, _, bridge = gpt2
+    names = ["blocks.0.ln2.hook_normalized", "blocks.2.ln2.hook_normalized"]
+
+    def collect(name):
+        return (collect_activations(bridge, SOURCE, name, pool="tokens")[name],
+                collect_activations(bridge, TARGET, name, pool="tokens")[name])
+
+    causal = fit_causal(names, collect, fit_linear_act,
+                        bridge_applier(bridge, apply_linear_act, lam=1.0))
+    independent = fit_causal(names, collect, fit_linear_act)
+    # the first point sees the same model either way; the second sees the first map
+    for key in ("w", "b", "low", "high"):
+        assert torch.equal(causal[names[0]][key], independent[names[0]][key])
+    assert not torch.allclose(causal[names[1]]["w"], independent[names[1]]["w"], atol=1e-3)
+
+    # by hand: fit layer 0, then collect layer 2 under a plain hook applying layer 0's map
+    first = fit_linear_act(*collect(names[0]))
+
+    def layer0(z, hook):
+        return apply_linear_act(z, **first, lam=1.0, attention_mask=bridge.input_mask)
+
+    with bridge.hooks([(names[0], layer0)]):
+        second = fit_linear_act(*collect(names[1]))
+    for key in ("w", "b", "low", "high"):
+        torch.testing.assert_close(causal[names[0]][key], first[key], atol=0, rtol=0)
+        torch.testing.assert_close(causal[names[1]][key], second[key], atol=0, rtol=0)
+
+
+def test_bad_inputs():
+    with pytest.raises(ActError, match="same trailing shape"):
+        fit_linear_act(torch.randn(5, 3), torch.randn(5, 4))
+    with pytest.raises(ActError, match="at least 2 samples"):
+        fit_mean_act(torch.randn(1, 3), torch.randn(5, 3))
+    with pytest.raises(ActError, match="NaN"):
+        fit_linear_act(torch.full((3, 2), float("nan")), torch.randn(3, 2))
+    with pytest.raises(ActError, match="support"):
+        fit_linear_act(torch.randn(5, 3), torch.randn(5, 3), support=(0.9, 0.1))
+    with pytest.raises(ActError, match="Unknown steering"):
+        fit_steering(torch.randn(5, 3), torch.randn(5, 3), "pca")
+    with pytest.raises(ActError, match="per_head"):
+        fit_steering(torch.randn(5, 3), torch.randn(5, 3), "probe", per_head=True)
+    with pytest.raises(ActError, match="repeat"):
+        fit_causal(["a", "a"], lambda n: None, fit_mean_act)
