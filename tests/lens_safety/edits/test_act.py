@@ -219,3 +219,65 @@ def test_bad_inputs():
         fit_steering(torch.randn(5, 3), torch.randn(5, 3), "probe", per_head=True)
     with pytest.raises(ActError, match="repeat"):
         fit_causal(["a", "a"], lambda n: None, fit_mean_act)
+
+
+def plain_logits(model, tokenizer, texts, handles_fn):
+    """Each text alone through the HF model with plain PyTorch hooks installed."""
+    handles = handles_fn()
+    try:
+        with torch.no_grad():
+            return [model(input_ids=tokenizer(t, return_tensors="pt").input_ids).logits[0]
+                    for t in texts]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_maps_through_bridge_equal_plain_hooks(gpt2):
+    """ITI-c per head at attn.hook_z and Linear-AcT at ln2.hook_normalized through the bridge
+    (left padding, first real token untouched) equal plain hooks on the HF modules: c_proj's
+    input holds the heads side by side; ln_2 is the normalized input times weight plus bias."""
+    model, tokenizer, bridge = gpt2
+    heads, d_model = model.config.n_head, model.config.n_embd
+    gen = torch.Generator().manual_seed(5)
+    v = torch.nn.functional.normalize(torch.randn(heads, d_model // heads, generator=gen), dim=-1)
+    z_name, ln_name = "blocks.1.attn.hook_z", "blocks.2.ln2.hook_normalized"
+    source = torch.randn(200, d_model, generator=gen)
+    state = fit_linear_act(source, source * 1.5 + 0.2 + 0.1 * torch.randn(200, d_model,
+                                                                           generator=gen))
+    texts = SOURCE[:3] + ["Hi"]
+    with bridge.hooks([
+            (z_name, lambda z, hook: apply_steering(z, v, 4.0, bridge.input_mask)),
+            (ln_name, lambda z, hook: apply_linear_act(z, **state, lam=0.7,
+                                                       attention_mask=bridge.input_mask))]):
+        ids, mask = bridge.tokenize(texts)
+        logits = bridge(ids, attention_mask=mask)
+
+    def handles():
+        block1, ln2 = model.transformer.h[1], model.transformer.h[2].ln_2
+
+        def steer(module, args):
+            x = args[0].clone()
+            x[:, 1:] += 4.0 * v.reshape(-1)
+            return (x,)
+
+        def transport(module, args, output):
+            x = args[0]
+            normed = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+                x.var(-1, keepdim=True, unbiased=False) + module.eps)
+            inside = (state["low"] < normed) & (normed < state["high"])
+            moved = torch.where(inside, 0.7 * (state["w"] * normed + state["b"]) + 0.3 * normed,
+                                normed)
+            moved[:, 0] = normed[:, 0]
+            return moved * module.weight + module.bias
+
+        return [block1.attn.c_proj.register_forward_pre_hook(steer),
+                ln2.register_forward_hook(transport)]
+
+    expected = plain_logits(model, tokenizer, texts, handles)
+    unedited = plain_logits(model, tokenizer, texts, list)
+    for row, ref in enumerate(expected):
+        real = mask[row].bool()
+        torch.testing.assert_close(logits[row][real], ref, atol=1e-4, rtol=1e-4)
+        if len(ref) > 1:
+            assert not torch.allclose(ref, unedited[row], atol=1e-3)
