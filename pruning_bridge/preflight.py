@@ -26,7 +26,7 @@ import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .common.errors import UsageError
+from .common.errors import PreflightError
 from .models import (
     SHAPE_PREFIX,
     SHAPES,
@@ -42,11 +42,6 @@ from .models import (
 WORKING_FACTOR = 2.5  # peak memory / weights: the model, a pruned deep copy, activations
 GiB = 2 ** 30
 SMOLLM2_PARAMETERS = 134_515_008
-
-
-class PreflightError(UsageError):
-    """Something the run needs is missing; the message lists what and how to get it."""
-
 
 @dataclass
 class Check:

@@ -18,14 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..common.errors import UsageError
-
-
-class UnknownHookError(KeyError, UsageError):
-    """A hook name that the bridge does not provide; the message lists the closest ones."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
+from ..common.errors import UnknownHookError, UsageError
 
 
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:

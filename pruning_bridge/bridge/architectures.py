@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..common.errors import UsageError
+from ..common.errors import UnsupportedArchitectureError, UsageError
 
 QKV_LAYOUTS = ("separate", "stacked", "per_head")
 
@@ -99,11 +99,6 @@ ARCHITECTURES: dict[str, Architecture] = {  # by config.model_type
         norm="layer", parallel_flag="use_parallel_residual",
         tl_architecture="GPTNeoXForCausalLM", tl_converter="convert_neox_weights"),
 }
-
-
-class UnsupportedArchitectureError(UsageError):
-    """The model's family is not in the architecture table."""
-
 
 def architecture_of(model_or_config) -> Architecture:
     """The table entry for a model (or its config), by ``config.model_type``."""

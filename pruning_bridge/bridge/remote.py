@@ -44,7 +44,7 @@ from nnsight.schema.response import ResponseModel, Status
 from nnsight.tracing.backend import Backend
 from nnsight.tracing.tracer import _saves
 
-from ..common.errors import RemoteError, UsageError
+from ..common.errors import RemoteError, UnsendableError, UsageError
 from . import adapters, traced
 
 T = TypeVar("T")
@@ -66,11 +66,6 @@ STATUS_ENV = "LAYERS_TO_LATENTS_NDIF_STATUS"
 SIMULATED_HOST = "<simulated, in this process>"
 START_ADVICE = ("For a local server: `bash scripts/ndif_local.sh start` (it writes .ndif/env; "
                 "`source .ndif/env` sets NDIF_HOST)")
-
-
-class UnsendableError(UsageError):
-    """A function or object that an NDIF server could not run inside a trace."""
-
 
 def send_by_value(*modules: types.ModuleType) -> None:
     """Send ``modules``' functions to the server as source (they are not installed there)."""

@@ -5,8 +5,16 @@ lines, which need ``common.cli`` and ``common.errors`` to parse their arguments,
 torch, pandas or plotly.
 """
 
-from .errors import OutOfRangeError, UsageError  # noqa: F401  (re-exported: light)
+from .errors import (  # noqa: F401  (re-exported: light)
+    DataFormatError, DataNotFoundError, LmEvalMissingError, ModelLoadError, NeedsLocalWeightsError,
+    OutOfRangeError, PreflightError, RemoteError, RouterTrainingError, UnknownHookError,
+    UnsendableError, UnsupportedArchitectureError, UsageError)
 from .lazy import lazy_exports
+
+ERRORS = ["DataFormatError", "DataNotFoundError", "LmEvalMissingError", "ModelLoadError",
+          "NeedsLocalWeightsError", "OutOfRangeError", "PreflightError", "RemoteError",
+          "RouterTrainingError", "UnknownHookError", "UnsendableError",
+          "UnsupportedArchitectureError", "UsageError"]
 
 _EXPORTS = {
     "figures": ("save_figure",), "jsonable": ("JsonDataclass",), "layers": ("check_layers",),
@@ -15,5 +23,4 @@ _EXPORTS = {
     "tokens": ("encode_batch", "left_pad", "left_padding", "model_device", "position_ids"),
 }
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS,
-                                             eager=["OutOfRangeError", "UsageError"])
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, eager=ERRORS)

@@ -2,7 +2,9 @@
 
 Command lines print a ``UsageError`` on one line and exit with status 2; any other exception is
 a bug and keeps its traceback (exit 1). ``UsageError`` is a ``ValueError``, and the named errors
-of the toolkit derive from it as well as from their natural built-in class.
+of the toolkit derive from it as well as from their natural built-in class. Every one of them
+is defined here; the modules that raise them import them from here and re-export them (e.g.
+``pruning_bridge.models.ModelLoadError``, ``pruning_bridge.evals.DataNotFoundError``).
 """
 
 from __future__ import annotations
@@ -39,3 +41,46 @@ def require_local_weights(model, what: str) -> None:
 class RemoteError(UsageError):
     """A request to an NDIF server failed: the message names the server, what was sent and what
     to do (start the server, check the URL, retry later); the original error is its cause."""
+
+
+class ModelLoadError(RuntimeError, UsageError):
+    """A model spec could not be turned into a model; the message says what to do."""
+
+
+class UnsupportedArchitectureError(UsageError):
+    """The model's family is not in the architecture table."""
+
+
+class UnknownHookError(KeyError, UsageError):
+    """A hook name that the bridge does not provide; the message lists the closest ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class UnsendableError(UsageError):
+    """A function or object that an NDIF server could not run inside a trace."""
+
+
+class DataNotFoundError(FileNotFoundError, UsageError):
+    """A data set is neither in the given local directory nor reachable on the hub."""
+
+    option = "--data-dir"  # the command-line option a CLI names in the one-line error
+
+
+class DataFormatError(UsageError):
+    """A local data file has a line or row that is not in the original format."""
+
+    option = "--data-dir"
+
+
+class LmEvalMissingError(ImportError, UsageError):
+    """lm-evaluation-harness is not installed (it is an optional extra)."""
+
+
+class RouterTrainingError(RuntimeError, UsageError):
+    """Training hit a non-finite value; the message names the step and the layer."""
+
+
+class PreflightError(UsageError):
+    """Something the run needs is missing; the message lists what and how to get it."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from ..common.errors import UsageError
+from ..common.errors import DataFormatError, DataNotFoundError, UsageError
 
 T = TypeVar("T")
 
@@ -52,20 +52,6 @@ class GSM8KProblem:
     question: str
     solution: str
     target: float
-
-
-class DataNotFoundError(FileNotFoundError, UsageError):
-    """A data set is neither in the given local directory nor reachable on the hub."""
-
-    option = "--data-dir"  # the command-line option a CLI names in the one-line error
-
-
-class DataFormatError(UsageError):
-    """A local data file has a line or row that is not in the original format."""
-
-    option = "--data-dir"
-
-
 # ---------------------------------------------------------------- helpers
 
 

@@ -37,17 +37,12 @@ from transformers import PreTrainedTokenizerBase
 
 from ..bridge import HookBridge
 from ..common.atomic import write_json_atomic
-from ..common.errors import UsageError
+from ..common.errors import LmEvalMissingError, UsageError
 from ..common.tokens import left_pad, model_device, position_ids
 from .lm import _accepts, context_length, cut_at_stop
 from .lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
 
 INSTALL_HINT = "pip install 'layers-to-latents[lm-eval]' (or: pip install lm-eval)"
-
-
-class LmEvalMissingError(ImportError, UsageError):
-    """lm-evaluation-harness is not installed (it is an optional extra)."""
-
 
 try:
     import lm_eval

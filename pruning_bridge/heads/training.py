@@ -30,14 +30,10 @@ from tqdm.auto import tqdm
 
 from ..bridge import HookBridge
 from ..common.atomic import atomic_path, write_text_atomic
-from ..common.errors import UsageError, require_local_weights
+from ..common.errors import RouterTrainingError, UsageError, require_local_weights
 from ..common.identity import model_identity
 from ..common.jsonable import JsonDataclass
 from .routing import RoutedHeads
-
-
-class RouterTrainingError(RuntimeError, UsageError):
-    """Training hit a non-finite value; the message names the step and the layer."""
 
 
 @dataclass
