@@ -95,7 +95,7 @@ def _sorted_quantile(sorted_x: Tensor, q: float) -> Tensor:
 
 def fit_linear_act(source: Tensor, target: Tensor,
                    support: tuple[float, float] | None = (0.0, 1.0), std_eps: float = 1e-4,
-                   chunk_elements: int = 1 << 24) -> State:
+                   chunk_elements: int = 1 << 22) -> State:
     """Linear-AcT's per-dimension affine OT map from ``source`` to ``target`` (``[n, ...]`` and
     ``[m, ...]``): ``{"w", "b", "low", "high"}`` in float32 with the trailing shape.
 
@@ -114,12 +114,13 @@ def fit_linear_act(source: Tensor, target: Tensor,
     step = max(1, chunk_elements // max(len(i), len(source), len(target)))
     parts: dict[str, list[Tensor]] = {"w": [], "b": [], "low": [], "high": []}
     for start in range(0, a_all.shape[1], step):
-        a = torch.sort(a_all[:, start:start + step].to(torch.float64), dim=0).values
-        b = torch.sort(b_all[:, start:start + step].to(torch.float64), dim=0).values
-        pa, pb, p = a[i], b[j], mass[:, None]
-        ma, mb = (p * pa).sum(0), (p * pb).sum(0)
-        var = (p * (pa - ma) ** 2).sum(0)
-        cov = (p * (pa - ma) * (pb - mb)).sum(0)
+        # [dims, samples], sorted along the contiguous axis (the order is the same in float64)
+        a = torch.sort(a_all[:, start:start + step].T.contiguous(), dim=1).values.double()
+        b = torch.sort(b_all[:, start:start + step].T.contiguous(), dim=1).values.double()
+        ma, mb = a.mean(1), b.mean(1)  # the coupling's marginals are uniform
+        ac, bc = a - ma[:, None], b - mb[:, None]
+        var = (ac * ac).mean(1)
+        cov = (ac.index_select(1, i) * bc.index_select(1, j)) @ mass
         live = var.sqrt() > std_eps
         w = torch.where(live, cov / torch.where(live, var, 1.0), 1.0)
         parts["w"].append(w)
@@ -128,8 +129,8 @@ def fit_linear_act(source: Tensor, target: Tensor,
             parts["low"].append(torch.full_like(w, -torch.inf))
             parts["high"].append(torch.full_like(w, torch.inf))
         else:
-            parts["low"].append(_sorted_quantile(a, support[0]))
-            parts["high"].append(_sorted_quantile(a, support[1]))
+            parts["low"].append(_sorted_quantile(a.T, support[0]))
+            parts["high"].append(_sorted_quantile(a.T, support[1]))
     return {key: torch.cat(value).reshape(shape).to(torch.float32)
             for key, value in parts.items()}
 

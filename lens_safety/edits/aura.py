@@ -25,23 +25,23 @@ class AuraError(UsageError):
     """Bad input for AurA's statistics (labels, shapes, non-finite activations)."""
 
 
-def _average_ranks(x: Tensor) -> Tensor:
-    """1-based ranks along dim 0 of ``[n, m]``, tied values sharing their average rank."""
-    n = x.shape[0]
-    values, order = torch.sort(x, dim=0)
-    positions = torch.arange(n, device=x.device).unsqueeze(1).expand_as(values)
+def _positive_rank_sums(x: Tensor, positive: Tensor) -> Tensor:
+    """For ``x`` ``[units, n]``: per unit, the sum over positive samples of their 1-based ranks
+    among the n values, tied values sharing their average rank (float64)."""
+    n = x.shape[1]
+    values, order = torch.sort(x, dim=1)  # along the contiguous axis: fast
+    positions = torch.arange(n, device=x.device).expand_as(values)
     starts = torch.ones_like(values, dtype=torch.bool)
-    starts[1:] = values[1:] != values[:-1]
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
     ends = torch.ones_like(starts)
-    ends[:-1] = starts[1:]
-    first = torch.where(starts, positions, 0).cummax(dim=0).values
-    last = torch.where(ends, positions, n).flip(0).cummin(dim=0).values.flip(0)
-    ranks = torch.empty(values.shape, dtype=torch.float64, device=x.device)
-    ranks.scatter_(0, order, (first + last).to(torch.float64) / 2 + 1)
-    return ranks
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, positions, 0).cummax(dim=1).values
+    last = torch.where(ends, positions, n).flip(1).cummin(dim=1).values.flip(1)
+    average = (first + last).to(torch.float64) / 2 + 1
+    return torch.where(positive[order], average, 0.0).sum(dim=1)
 
 
-def auroc_per_unit(scores: Tensor, labels: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+def auroc_per_unit(scores: Tensor, labels: Tensor, chunk_elements: int = 1 << 22) -> Tensor:
     """Each unit's AUROC (float64, shape ``scores.shape[1:]``) of ``scores`` ``[n, ...]`` for
     ``labels`` ``[n]`` (True / 1 = positive): the Mann-Whitney statistic from average ranks,
     equal to ``sklearn.metrics.roc_auc_score`` per unit. Units are processed in chunks of about
@@ -63,9 +63,8 @@ def auroc_per_unit(scores: Tensor, labels: Tensor, chunk_elements: int = 1 << 24
         raise AuraError("Activations hold NaN or inf: check the pooling and the model's dtype.")
     step = max(1, chunk_elements // flat.shape[0])
     out = []
-    for start in range(0, flat.shape[1], step):
-        ranks = _average_ranks(flat[:, start:start + step].to(torch.float64))
-        rank_sum = ranks[positive].sum(dim=0)
+    for start in range(0, flat.shape[1], step):  # ranks are exact in the input's dtype
+        rank_sum = _positive_rank_sums(flat[:, start:start + step].T.contiguous(), positive)
         out.append((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
     return torch.cat(out).reshape(scores.shape[1:])
 
