@@ -21,6 +21,7 @@ points' maps already applied (the paper's causal estimation), through any backen
 
 from __future__ import annotations
 
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Literal, Sequence
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pruning_bridge.bridge.remote import send_by_value
 from pruning_bridge.common.errors import UsageError
 
 from .activation_stats import keep_first_token
@@ -233,3 +235,7 @@ def bridge_applier(bridge, apply: Callable[..., Tensor], **kwargs
         return bridge.hooks([(name, hook_for(state)) for name, state in states.items()])
 
     return applied
+
+
+# the apply functions run inside traces: a remote (NDIF) bridge sends them as source
+send_by_value(sys.modules[__name__])

@@ -14,12 +14,14 @@ in memory, and ``max_tokens`` caps what ``"tokens"`` keeps with a seeded uniform
 
 from __future__ import annotations
 
+import sys
 from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pruning_bridge.bridge.remote import send_by_value
 from pruning_bridge.common.errors import UsageError
 
 Pool = Literal["tokens", "mean", "max", "last"]
@@ -199,3 +201,7 @@ def collect_activations(bridge, texts: Sequence[str], names: Sequence[str] | str
     if reservoir is not None:
         return kept
     return {name: torch.cat(parts) for name, parts in pooled.items()}
+
+
+# the apply functions run inside traces: a remote (NDIF) bridge sends them as source
+send_by_value(sys.modules[__name__])

@@ -13,9 +13,12 @@ no strength parameter; ``strength`` (default 1 = the paper) interpolates the fac
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
+from pruning_bridge.bridge.remote import send_by_value
 from pruning_bridge.common.errors import UsageError
 
 from .activation_stats import keep_first_token
@@ -97,3 +100,7 @@ def apply_dampening(x: Tensor, factors: Tensor, attention_mask: Tensor | None = 
     when ``attention_mask`` is given. Torch only: it runs inside traces."""
     edited = (x.float() * factors.to(device=x.device, dtype=torch.float32)).to(x.dtype)
     return keep_first_token(x, edited, attention_mask)
+
+
+# the apply functions run inside traces: a remote (NDIF) bridge sends them as source
+send_by_value(sys.modules[__name__])

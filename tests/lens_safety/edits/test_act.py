@@ -281,3 +281,31 @@ def test_maps_through_bridge_equal_plain_hooks(gpt2):
         torch.testing.assert_close(logits[row][real], ref, atol=1e-4, rtol=1e-4)
         if len(ref) > 1:
             assert not torch.allclose(ref, unedited[row], atol=1e-3)
+
+
+def test_maps_run_through_the_simulated_ndif_round_trip(gpt2):
+    """The apply functions travel to an NDIF server as source: the simulated round trip
+    (serialise, rebuild with the server's whitelist, run) equals the local run."""
+    model, tokenizer, bridge = gpt2
+    remote = HookBridge.remote(model, tokenizer=tokenizer, simulate=True)
+    gen = torch.Generator().manual_seed(6)
+    d_model, heads = model.config.n_embd, model.config.n_head
+    linear = fit_linear_act(torch.randn(100, d_model, generator=gen),
+                            torch.randn(100, d_model, generator=gen) * 2 + 0.5)
+    mean = fit_mean_act(torch.randn(100, d_model, generator=gen),
+                        torch.randn(100, d_model, generator=gen) + 1)
+    v = torch.randn(heads, d_model // heads, generator=gen)
+
+    def hooks():
+        return [("blocks.0.ln2.hook_normalized", lambda z, hook: apply_linear_act(z, **linear)),
+                ("blocks.1.hook_mlp_out", lambda z, hook: apply_mean_act(z, **mean, lam=0.5)),
+                ("blocks.2.attn.hook_z", lambda z, hook: apply_steering(z, v, lam=2.0))]
+
+    texts = TARGET[:2]
+    outs = []
+    for b in (bridge, remote):
+        with b.hooks(hooks()):
+            outs.append(b(texts))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs[0], bridge(texts), atol=1e-3)
+    assert remote.traffic.requests >= 1

@@ -148,3 +148,17 @@ def test_bad_inputs():
         auroc_per_unit(torch.tensor([[float("nan")], [1.0]]), torch.tensor([1, 0]))
     with pytest.raises(AuraError, match="differ in shape"):
         fit_aura(torch.randn(5, 3), torch.randn(5, 4))
+
+
+def test_dampening_runs_through_the_simulated_ndif_round_trip(gpt2):
+    model, tokenizer, bridge = gpt2
+    remote = HookBridge.remote(model, tokenizer=tokenizer, simulate=True)
+    factors = dampening_factors(torch.linspace(0.0, 1.0, 4 * model.config.n_embd,
+                                               dtype=torch.float64))
+    texts = ["The weather is lovely today.", "Go away"]
+    outs = []
+    for b in (bridge, remote):
+        with b.hooks([("blocks.1.mlp.hook_pre", lambda x, hook: apply_dampening(x, factors))]):
+            outs.append(b(texts))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs[0], bridge(texts), atol=1e-3)
