@@ -198,28 +198,37 @@ def apply_steering(z: Tensor, v: Tensor, lam: float = 1.0,
 
 
 # ---------------------------------------------------------------------------- causal fitting
-def fit_causal(names: Sequence[str], collect: Callable[[str], tuple[Tensor, Tensor]],
+def fit_causal(steps: Sequence[str | Sequence[str]],
+               collect: Callable[[list[str]], dict[str, tuple[Tensor, Tensor]]],
                fit: Callable[[Tensor, Tensor], State],
                applied: Callable[[dict[str, State]], AbstractContextManager] | None = None,
                progress: bool | None = None) -> dict[str, State]:
-    """``{name: state}`` fitted hook point after hook point, in the order given.
+    """``{name: state}`` fitted step after step, in the order given.
 
-    ``collect(name)`` returns ``(source, target)`` activations at ``name`` from the model as
-    it currently runs; ``fit(source, target)`` returns a state (e.g. ``fit_linear_act``);
-    ``applied(states)`` is a context manager inside which the model runs with those states'
-    maps applied (any backend: see ``bridge_applier``). Each point is collected inside
-    ``applied`` of the points before it (causal estimation); ``applied=None`` fits every point
-    on the unedited model (independent estimation)."""
-    names = list(names)
+    A step is a hook name, or several names collected in one pass and fitted together (faster,
+    not causal among themselves). ``collect(names)`` returns ``{name: (source, target)}``
+    activations from the model as it currently runs (e.g. two ``collect_activations`` calls);
+    ``fit(source, target)`` returns a state (e.g. ``fit_linear_act``); ``applied(states)`` is a
+    context manager inside which the model runs with those states' maps applied (any backend:
+    see ``bridge_applier``). Each step is collected inside ``applied`` of the steps before it
+    (causal estimation); ``applied=None`` fits every step on the unedited model."""
+    groups = [[step] if isinstance(step, str) else list(step) for step in steps]
+    names = [name for group in groups for name in group]
+    if not names or any(not group for group in groups):
+        raise ActError("Give at least one hook name per step.")
     if len(set(names)) != len(names):
         raise ActError(f"Hook names repeat in {names}: give each point once, in model order.")
     states: dict[str, State] = {}
-    show = len(names) > 2 if progress is None else progress
-    for name in tqdm(names, desc="fitting maps", disable=not show, leave=False):
+    show = len(groups) > 2 if progress is None else progress
+    for group in tqdm(groups, desc="fitting maps", disable=not show, leave=False):
         context = applied(dict(states)) if applied is not None and states else nullcontext()
         with context:
-            source, target = collect(name)
-        states[name] = fit(source, target)
+            collected = collect(group)
+        missing = [name for name in group if name not in collected]
+        if missing:
+            raise ActError(f"collect({group}) returned no activations for {missing}.")
+        for name in group:
+            states[name] = fit(*collected[name])
     return states
 
 

@@ -179,26 +179,32 @@ def test_causal_fit_equals_two_step_fit(gpt2):
     _, _, bridge = gpt2
     names = ["blocks.0.ln2.hook_normalized", "blocks.2.ln2.hook_normalized"]
 
-    def collect(name):
-        return (collect_activations(bridge, SOURCE, name, pool="tokens")[name],
-                collect_activations(bridge, TARGET, name, pool="tokens")[name])
+    def collect(group):
+        source = collect_activations(bridge, SOURCE, group, pool="tokens")
+        target = collect_activations(bridge, TARGET, group, pool="tokens")
+        return {name: (source[name], target[name]) for name in group}
 
     causal = fit_causal(names, collect, fit_linear_act,
                         bridge_applier(bridge, apply_linear_act, lam=1.0))
     independent = fit_causal(names, collect, fit_linear_act)
+    together = fit_causal([names], collect, fit_linear_act,
+                          bridge_applier(bridge, apply_linear_act, lam=1.0))
+    for key in ("w", "b", "low", "high"):  # one step: both points on the unedited model
+        for name in names:
+            assert torch.equal(together[name][key], independent[name][key])
     # the first point sees the same model either way; the second sees the first map
     for key in ("w", "b", "low", "high"):
         assert torch.equal(causal[names[0]][key], independent[names[0]][key])
     assert not torch.allclose(causal[names[1]]["w"], independent[names[1]]["w"], atol=1e-3)
 
     # by hand: fit layer 0, then collect layer 2 under a plain hook applying layer 0's map
-    first = fit_linear_act(*collect(names[0]))
+    first = fit_linear_act(*collect([names[0]])[names[0]])
 
     def layer0(z, hook):
         return apply_linear_act(z, **first, lam=1.0, attention_mask=bridge.input_mask)
 
     with bridge.hooks([(names[0], layer0)]):
-        second = fit_linear_act(*collect(names[1]))
+        second = fit_linear_act(*collect([names[1]])[names[1]])
     for key in ("w", "b", "low", "high"):
         torch.testing.assert_close(causal[names[0]][key], first[key], atol=0, rtol=0)
         torch.testing.assert_close(causal[names[1]][key], second[key], atol=0, rtol=0)
@@ -218,7 +224,9 @@ def test_bad_inputs():
     with pytest.raises(ActError, match="per_head"):
         fit_steering(torch.randn(5, 3), torch.randn(5, 3), "probe", per_head=True)
     with pytest.raises(ActError, match="repeat"):
-        fit_causal(["a", "a"], lambda n: None, fit_mean_act)
+        fit_causal(["a", ["b", "a"]], lambda n: None, fit_mean_act)
+    with pytest.raises(ActError, match="no activations for"):
+        fit_causal(["a"], lambda n: {}, fit_mean_act)
 
 
 def plain_logits(model, tokenizer, texts, handles_fn):
