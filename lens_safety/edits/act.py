@@ -154,13 +154,15 @@ def apply_linear_act(z: Tensor, w: Tensor, b: Tensor, low: Tensor, high: Tensor,
 # ---------------------------------------------------------------------------- ITI-c / CAA
 def fit_steering(source: Tensor, target: Tensor,
                  how: Literal["mean_diff", "probe"] = "mean_diff", per_head: bool = False,
-                 seed: int = 0) -> State:
+                 seed: int = 0, held_out: float = 0.2) -> State:
     """``{"v": ...}`` (float32, the trailing shape) pointing from source to target.
 
     ``"mean_diff"`` (CAA): ``m_target - m_source``. ``"probe"`` (ITI-c): the unit normal of a
-    logistic-regression probe telling target from source, oriented towards the target; with
+    logistic-regression probe telling target from source (fitted on standardized features,
+    oriented towards the target), and ``"accuracy"``: the probe's accuracy on a seeded
+    ``held_out`` share of the samples (ITI ranks heads by it: ``keep_top_heads``). With
     ``per_head`` (activations ``[n, n_heads, d_head]``, as ``attn.hook_z``) one probe per head,
-    each normal of unit length."""
+    each normal of unit length (``accuracy`` ``[n_heads]``)."""
     source, target = _pair(source, target)
     if how == "mean_diff":
         v = target.to(torch.float64).mean(0) - source.to(torch.float64).mean(0)
@@ -171,20 +173,43 @@ def fit_steering(source: Tensor, target: Tensor,
     if per_head and source.ndim != 3:
         raise ActError(f"per_head needs activations [n, n_heads, d_head]; got "
                        f"{tuple(source.shape)}.")
+    if not 0.0 < held_out < 1.0:
+        raise ActError(f"held_out is the share of samples kept to score the probe, in (0, 1); "
+                       f"got {held_out}.")
     from sklearn.linear_model import LogisticRegression
 
     x = torch.cat([source, target]).to(torch.float64)
     y = torch.cat([torch.zeros(len(source)), torch.ones(len(target))]).numpy()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).numpy()
+    n_test = min(len(x) - 2, max(1, round(held_out * len(x))))
+    test, train = order[:n_test], order[n_test:]
+    if len(set(y[train])) < 2:
+        raise ActError("Too few samples of one class to fit a probe: give more activations.")
     groups = [x[:, h] for h in range(x.shape[1])] if per_head else [x.reshape(len(x), -1)]
-    normals = []
+    normals, accuracy = [], []
     for features in groups:
-        scale = features.std(0).clamp(min=1e-12)  # fit on standardized features
-        probe = LogisticRegression(max_iter=2000, random_state=seed)
-        probe.fit((features / scale).numpy(), y)
-        normal = torch.from_numpy(probe.coef_[0]) / scale  # the normal in the raw coordinates
+        scale = features[train].std(0).clamp(min=1e-12)
+        scaled = (features / scale).numpy()
+        probe = LogisticRegression(max_iter=2000, random_state=seed).fit(scaled[train], y[train])
+        accuracy.append(float(probe.score(scaled[test], y[test])))
+        normal = torch.from_numpy(probe.coef_[0]) / scale  # the normal in raw coordinates
         normals.append(normal / normal.norm().clamp(min=1e-30))
     v = torch.stack(normals) if per_head else normals[0].reshape(source.shape[1:])
-    return {"v": v.to(torch.float32)}
+    return {"v": v.to(torch.float32),
+            "accuracy": torch.tensor(accuracy if per_head else accuracy[0], dtype=torch.float32)}
+
+
+def keep_top_heads(v: Tensor, accuracy: Tensor, k: int) -> Tensor:
+    """``v`` ``[n_heads, d_head]`` with only the ``k`` heads of highest probe accuracy kept
+    (the others zero), as ITI steers its top-K heads."""
+    if v.ndim != 2 or accuracy.shape != v.shape[:1]:
+        raise ActError(f"Give per-head vectors [n_heads, d_head] and accuracies [n_heads]; got "
+                       f"{tuple(v.shape)} and {tuple(accuracy.shape)}.")
+    if not 0 <= k <= len(v):
+        raise ActError(f"k must be between 0 and {len(v)} heads; got {k}.")
+    keep = torch.zeros(len(v), dtype=torch.bool)
+    keep[torch.topk(accuracy, k).indices] = True
+    return torch.where(keep[:, None].to(v.device), v, torch.zeros_like(v))
 
 
 def apply_steering(z: Tensor, v: Tensor, lam: float = 1.0,

@@ -130,15 +130,18 @@ class _TokenReservoir:
 
 
 def _tokenize(tokenizer, texts: list[str], padding_side: str, max_length: int | None):
-    side = tokenizer.padding_side
+    """Ids and mask padded on ``padding_side``; the tokenizer is left as it was."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = padding_side
+    if pad is None:  # GPT-2 style tokenizers: any id works under the mask
+        tokenizer.pad_token = tokenizer.eos_token
     try:
-        if tokenizer.pad_token is None:  # GPT-2 style tokenizers: any id works under the mask
-            tokenizer.pad_token = tokenizer.eos_token
         enc = tokenizer(texts, return_tensors="pt", padding=True,
                         truncation=max_length is not None, max_length=max_length)
     finally:
         tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
     return enc["input_ids"], enc["attention_mask"]
 
 

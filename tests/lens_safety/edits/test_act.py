@@ -16,6 +16,7 @@ from lens_safety.edits.act import (
     fit_linear_act,
     fit_mean_act,
     fit_steering,
+    keep_top_heads,
     ot_coupling,
 )
 from lens_safety.edits.activation_stats import collect_activations
@@ -150,13 +151,20 @@ def test_steering_vectors():
     target = torch.randn(300, heads, d_head, generator=gen) + 2.0 * direction
     caa = fit_steering(source, target, "mean_diff")["v"]
     torch.testing.assert_close(caa, target.mean(0) - source.mean(0))
-    iti = fit_steering(source, target, "probe", per_head=True)["v"]
+    target[:, 2] = torch.randn(300, d_head, generator=gen)  # head 2 carries no signal
+    fitted = fit_steering(source, target, "probe", per_head=True)
+    iti = fitted["v"]
     assert iti.shape == (heads, d_head)
     torch.testing.assert_close(iti.norm(dim=-1), torch.ones(heads))
-    cosine = (iti * direction).sum(-1)
+    cosine = (iti[:2] * direction[:2]).sum(-1)
     assert torch.all(cosine > 0.8), cosine  # the probe finds each head's direction, signed
-    whole = fit_steering(source, target, "probe")["v"]
-    assert whole.shape == (heads, d_head) and whole.norm().item() == pytest.approx(1.0)
+    accuracy = fitted["accuracy"]  # held-out: separable heads high, the blank one at chance
+    assert accuracy.shape == (heads,) and torch.all(accuracy[:2] > 0.75), accuracy
+    assert abs(accuracy[2].item() - 0.5) < 0.15, accuracy
+    top = keep_top_heads(iti, accuracy, 2)
+    assert torch.equal(top[:2], iti[:2]) and torch.equal(top[2], torch.zeros(d_head))
+    whole = fit_steering(source[:, :2], target[:, :2], "probe")["v"]
+    assert whole.shape == (2, d_head) and whole.norm().item() == pytest.approx(1.0)
     z = torch.randn(2, 5, heads, d_head, generator=gen)
     torch.testing.assert_close(apply_steering(z, iti, lam=3.0), z + 3.0 * iti)
 
@@ -223,6 +231,10 @@ def test_bad_inputs():
         fit_steering(torch.randn(5, 3), torch.randn(5, 3), "pca")
     with pytest.raises(ActError, match="per_head"):
         fit_steering(torch.randn(5, 3), torch.randn(5, 3), "probe", per_head=True)
+    with pytest.raises(ActError, match="between 0 and 3"):
+        keep_top_heads(torch.randn(3, 4), torch.rand(3), 4)
+    with pytest.raises(ActError, match="held_out"):
+        fit_steering(torch.randn(9, 3), torch.randn(9, 3), "probe", held_out=1.0)
     with pytest.raises(ActError, match="repeat"):
         fit_causal(["a", ["b", "a"]], lambda n: None, fit_mean_act)
     with pytest.raises(ActError, match="no activations for"):
