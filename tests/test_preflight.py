@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pruning_bridge import preflight as preflight_module
-from pruning_bridge.models import shape_config
 from pruning_bridge.preflight import PreflightError, count_parameters, preflight
+from pruning_bridge.random_models import shape_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

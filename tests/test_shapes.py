@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pruning_bridge.bridge import head_counts, model_dims
-from pruning_bridge.models import (SHAPES, ModelLoadError, gpt2_tokenizer, load_model,
-                                   parse_shape_spec, shape_config)
+from pruning_bridge.models import ModelLoadError, load_model
+from pruning_bridge.random_models import SHAPES, gpt2_tokenizer, parse_shape_spec, shape_config
 
 # Published parameter counts (embeddings counted once where tied): Qwen3-0.6B's model card and
 # technical report (0.6B; 596,049,920 as counted by transformers), TinyLlama 1,100,048,384,

@@ -4,8 +4,8 @@ One ``Architecture`` entry per family, as data (in the style of nnterp's rename 
 decoder blocks, attention, MLP and norms live, how the query/key/value projections are laid out,
 which parameters write to the residual stream, where a layer's input enters, and how
 TransformerLens names the family. The rest of the toolkit asks this module (``architecture_of``,
-``model_dims``, ``head_counts``, ``select_heads``, ``residual_writers``) and never checks
-``model_type`` itself. Adding a family = one entry in ``ARCHITECTURES`` plus its tests.
+``model_dims``, ``head_counts``, ``residual_writers``; ``heads.removal`` reshapes the attention
+projections from the same entries) and never checks ``model_type`` itself. Adding a family = one entry in ``ARCHITECTURES`` plus its tests.
 
 Paths are attribute paths: ``blocks``, ``embed``, ``pos_embed``, ``layer_input``,
 ``final_norm`` and ``unembed`` from the model; the others from one decoder block.
@@ -14,12 +14,10 @@ Paths are attribute paths: ``blocks``, ``embed``, ``pos_embed``, ``layer_input``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
-from ..common.errors import UnsupportedArchitectureError, UsageError
+from ..common.errors import UnsupportedArchitectureError
 
 QKV_LAYOUTS = ("separate", "stacked", "per_head")
 
@@ -170,82 +168,6 @@ def head_counts(model) -> list[tuple[int, int]]:
             n = first.shape[0] // (3 * d_head)
             counts.append((n, n))
     return counts
-
-
-def head_index(heads: Tensor, d_head: int) -> Tensor:
-    """Positions of ``heads`` in a flat ``n_heads * d_head`` dimension."""
-    return (heads[:, None] * d_head + torch.arange(d_head)).flatten()
-
-
-def _shrink(module: nn.Module, weight: Tensor, bias: Tensor | None = None) -> None:
-    """Give a ``Linear`` or GPT-2 ``Conv1D`` a new weight (and bias, if given) in place."""
-    module.weight = nn.Parameter(weight.contiguous(), module.weight.requires_grad)
-    if bias is not None:
-        module.bias = nn.Parameter(bias.contiguous(), module.bias.requires_grad)
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    else:  # Conv1D stores its weight [in, out]
-        module.nx, module.nf = weight.shape
-
-
-def _keep_rows(module: nn.Module, rows: Tensor, weights_in_out: bool) -> None:
-    """Keep output features ``rows`` of a projection (its weight and bias)."""
-    weight = module.weight[:, rows] if weights_in_out else module.weight[rows]
-    bias = None if module.bias is None else module.bias[rows]
-    _shrink(module, weight, bias)
-
-
-def _keep_inputs(module: nn.Module, cols: Tensor, weights_in_out: bool) -> None:
-    """Keep input features ``cols`` of a projection (its bias is unchanged)."""
-    _shrink(module, module.weight[cols] if weights_in_out else module.weight[:, cols])
-
-
-def select_heads(model, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int]) -> None:
-    """Keep query heads ``q_heads`` and kv heads ``kv_heads`` (repeats allowed) of ``layer``.
-
-    Query head ``i`` of the result uses kv head ``i // (len(q_heads) // len(kv_heads))``. Fused
-    layouts have one kv head per query head, so ``kv_heads`` must equal ``q_heads`` there.
-    Per-head norms (Qwen3's q_norm / k_norm) act per head and are unchanged.
-    """
-    arch, d_head = architecture_of(model), model_dims(model).d_head
-    block = blocks_of(model)[layer]
-    attn = block.get_submodule(arch.attention)
-    if arch.qkv_layout != "separate" and list(q_heads) != list(kv_heads):
-        raise UsageError(f"{arch.family} has one key/value head per query head.")
-    q_heads, kv_heads = torch.as_tensor(q_heads), torch.as_tensor(kv_heads)
-    q = head_index(q_heads, d_head)
-    if arch.qkv_layout == "separate":
-        kv = head_index(kv_heads, d_head)
-        for path, rows in zip(arch.qkv, (q, kv, kv)):
-            _keep_rows(block.get_submodule(path), rows, arch.weights_in_out)
-        attn.num_key_value_groups = len(q_heads) // len(kv_heads)
-    else:
-        fused = block.get_submodule(arch.qkv[0])
-        width = _out_in(fused, arch.weights_in_out).shape[0] // 3
-        if arch.qkv_layout == "stacked":  # [q | k | v]
-            rows = torch.cat([q, q + width, q + 2 * width])
-        else:  # per head: [q_h k_h v_h] blocks of 3 * d_head
-            rows = head_index(q_heads, 3 * d_head)
-        _keep_rows(fused, rows, arch.weights_in_out)
-    _keep_inputs(block.get_submodule(arch.attn_out), q, arch.weights_in_out)
-    for name in ("num_heads", "split_size"):  # GPT-2's attention reads these in forward
-        if hasattr(attn, name):
-            setattr(attn, name, len(q_heads) * (d_head if name == "split_size" else 1))
-
-
-def kv_copies(model, layer: int) -> list[int]:
-    """For each kv head of ``layer``, the first kv head with identical k/v weights (replicas
-    left by an uneven head removal count as one). Fused layouts: every head is its own."""
-    arch = architecture_of(model)
-    n_kv = head_counts(model)[layer][1]
-    if arch.qkv_layout != "separate":
-        return list(range(n_kv))
-    block = blocks_of(model)[layer]
-    params = [p for path in arch.qkv[1:] for p in (block.get_submodule(path).weight,
-                                                   block.get_submodule(path).bias)
-              if p is not None]
-    rows = torch.cat([p.reshape(n_kv, -1) for p in params], dim=1)
-    return [next(i for i in range(j + 1) if torch.equal(rows[i], rows[j])) for j in range(n_kv)]
 
 
 # ---------------------------------------------------------------- the residual stream

@@ -17,8 +17,11 @@
 - A saved model whose per-layer layout the standard config cannot express (layers that
   differ, or a GPT-2 / GPT-NeoX with fewer heads: their head size is always
   ``hidden_size / num_attention_heads``) carries ``config.head_layout = [[n_query, n_kv], ...]``
-  and reloads with ``pruning_bridge.models.load_head_pruned`` (or ``load_model``). Other pruned
-  models reload with plain ``from_pretrained``.
+  and reloads with ``load_head_pruned`` (or ``pruning_bridge.models.load_model``). Other
+  pruned models reload with plain ``from_pretrained``.
+- ``select_heads`` / ``kv_copies``: the primitives, one layer's attention projections cut to
+  given query and kv heads (where they are comes from the architecture table,
+  ``pruning_bridge.bridge.architectures``), and which kv heads are replicas.
 - ``head_counts``: ``(query, kv)`` heads per layer.
 
 Head indices always refer to the model's current heads, in the order ``head_counts`` counts.
@@ -28,19 +31,21 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from typing import Mapping, Sequence, Union
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from torch import Tensor, nn
+from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM,
+                          PretrainedConfig)
 
-from ..bridge import HookBridge, blocks_of, head_counts, model_dims, select_heads
-from ..bridge.architectures import kv_copies
+from ..bridge import HookBridge, architecture_of, blocks_of, head_counts, model_dims
 from ..common.errors import OutOfRangeError, UsageError, require_local_weights
-from ..models import load_head_pruned
 
 __all__ = ["HEAD_SELECTIONS", "LayerGrowthWarning", "head_counts", "heads_to_remove",
-           "load_head_pruned", "remove_heads"]
+           "kv_copies", "load_head_pruned", "remove_heads", "select_heads"]
 
 HEAD_SELECTIONS = ("balanced", "uneven", "groups")
 
@@ -52,6 +57,89 @@ Layout = Union[torch.nn.Module, HookBridge, Sequence[Sequence[int]]]
 class LayerGrowthWarning(UserWarning):
     """A head removal made a layer larger: the kept query heads spread unevenly over the kv
     heads, and the kv heads were replicated to make the layout exact."""
+
+
+# ---------------------------------------------------------------- reshaping one layer
+
+
+def head_index(heads: Tensor, d_head: int) -> Tensor:
+    """Positions of ``heads`` in a flat ``n_heads * d_head`` dimension."""
+    return (heads[:, None] * d_head + torch.arange(d_head)).flatten()
+
+
+def _shrink(module: nn.Module, weight: Tensor, bias: Tensor | None = None) -> None:
+    """Give a ``Linear`` or GPT-2 ``Conv1D`` a new weight (and bias, if given) in place."""
+    module.weight = nn.Parameter(weight.contiguous(), module.weight.requires_grad)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.contiguous(), module.bias.requires_grad)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    else:  # Conv1D stores its weight [in, out]
+        module.nx, module.nf = weight.shape
+
+
+def _keep_rows(module: nn.Module, rows: Tensor, weights_in_out: bool) -> None:
+    """Keep output features ``rows`` of a projection (its weight and bias)."""
+    weight = module.weight[:, rows] if weights_in_out else module.weight[rows]
+    bias = None if module.bias is None else module.bias[rows]
+    _shrink(module, weight, bias)
+
+
+def _keep_inputs(module: nn.Module, cols: Tensor, weights_in_out: bool) -> None:
+    """Keep input features ``cols`` of a projection (its bias is unchanged)."""
+    _shrink(module, module.weight[cols] if weights_in_out else module.weight[:, cols])
+
+
+def select_heads(model, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int]) -> None:
+    """Keep query heads ``q_heads`` and kv heads ``kv_heads`` (repeats allowed) of ``layer``.
+
+    Query head ``i`` of the result uses kv head ``i // (len(q_heads) // len(kv_heads))``. Fused
+    layouts have one kv head per query head, so ``kv_heads`` must equal ``q_heads`` there.
+    Per-head norms (Qwen3's q_norm / k_norm) act per head and are unchanged. Where the
+    projections are is read from the architecture table.
+    """
+    arch, d_head = architecture_of(model), model_dims(model).d_head
+    block = blocks_of(model)[layer]
+    attn = block.get_submodule(arch.attention)
+    if arch.qkv_layout != "separate" and list(q_heads) != list(kv_heads):
+        raise UsageError(f"{arch.family} has one key/value head per query head.")
+    q_heads, kv_heads = torch.as_tensor(q_heads), torch.as_tensor(kv_heads)
+    q = head_index(q_heads, d_head)
+    if arch.qkv_layout == "separate":
+        kv = head_index(kv_heads, d_head)
+        for path, rows in zip(arch.qkv, (q, kv, kv)):
+            _keep_rows(block.get_submodule(path), rows, arch.weights_in_out)
+        attn.num_key_value_groups = len(q_heads) // len(kv_heads)
+    else:
+        fused = block.get_submodule(arch.qkv[0])
+        width = fused.weight.shape[1 if arch.weights_in_out else 0] // 3  # output features / 3
+        if arch.qkv_layout == "stacked":  # [q | k | v]
+            rows = torch.cat([q, q + width, q + 2 * width])
+        else:  # per head: [q_h k_h v_h] blocks of 3 * d_head
+            rows = head_index(q_heads, 3 * d_head)
+        _keep_rows(fused, rows, arch.weights_in_out)
+    _keep_inputs(block.get_submodule(arch.attn_out), q, arch.weights_in_out)
+    for name in ("num_heads", "split_size"):  # GPT-2's attention reads these in forward
+        if hasattr(attn, name):
+            setattr(attn, name, len(q_heads) * (d_head if name == "split_size" else 1))
+
+
+def kv_copies(model, layer: int) -> list[int]:
+    """For each kv head of ``layer``, the first kv head with identical k/v weights (replicas
+    left by an uneven head removal count as one). Fused layouts: every head is its own."""
+    arch = architecture_of(model)
+    n_kv = head_counts(model)[layer][1]
+    if arch.qkv_layout != "separate":
+        return list(range(n_kv))
+    block = blocks_of(model)[layer]
+    params = [p for path in arch.qkv[1:] for p in (block.get_submodule(path).weight,
+                                                   block.get_submodule(path).bias)
+              if p is not None]
+    rows = torch.cat([p.reshape(n_kv, -1) for p in params], dim=1)
+    return [next(i for i in range(j + 1) if torch.equal(rows[i], rows[j])) for j in range(n_kv)]
+
+
+# ---------------------------------------------------------------- removing heads
 
 
 def _gqa_plan(kept: list[int], groups: int, copies: list[int]) -> tuple[list[int], list[int]]:
@@ -371,3 +459,38 @@ def heads_to_remove(importance, fraction: float, layout: Layout | None = None, *
     if mode == "groups":
         return _least_important_units(scores, groups, fraction, "groups")
     return _balanced(scores, groups, math.floor(fraction * scores.numel() + 0.5))
+
+
+# ---------------------------------------------------------------- reloading a pruned model
+
+
+def _apply_layout(model, layout: Sequence[Sequence[int]]) -> None:
+    """Give each layer the shapes of ``layout``; only shapes matter, weights are loaded after."""
+    for layer, (n_q, n_kv) in enumerate(layout):
+        select_heads(model, layer, [0] * n_q, [0] * n_kv)
+
+
+def load_head_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` that also loads models with heads removed.
+
+    A drop-in replacement (same arguments, hub ids and GGUF included). A model saved after
+    ``remove_heads`` with a per-layer layout carries ``config.head_layout = [[n_query, n_kv],
+    ...]``; then the usual model class is built, its attention shapes are set to the layout
+    before the weights load (so ``from_pretrained``'s options, e.g. ``dtype``, work as usual),
+    and the model is returned as an instance of that usual class.
+    """
+    config, _ = PretrainedConfig.get_config_dict(path, **from_pretrained_kwargs)
+    if config.get("head_layout") is None:
+        return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[config["model_type"]]]
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        _apply_layout(self, config.head_layout)
+
+    # the same module as the base class, so transformers treats it as its own (checkpoint key
+    # renames, e.g. GPT-NeoX's embed_out -> lm_head, apply only to library classes)
+    built = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+    model = built.from_pretrained(path, **from_pretrained_kwargs)
+    model.__class__ = base  # the subclass differs only in construction
+    return model

@@ -11,7 +11,7 @@ import torch
 
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.heads import remove_heads
-from pruning_bridge.models import TINY_MODELS
+from pruning_bridge.random_models import TINY_MODELS
 from tl_reference import TL4, with_flags
 
 TEXT = "The quick brown fox jumps over the lazy dog"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pruning_bridge.bridge import HookBridge, UnknownHookError
 from pruning_bridge.common import UsageError
-from pruning_bridge.models import TINY_MODELS
+from pruning_bridge.random_models import TINY_MODELS
 from tl_reference import TL4, covered, get_act_name, independent, with_flags
 
 CLEAN = "When John and Mary went to the shops, John gave the bag to"

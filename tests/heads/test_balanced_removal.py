@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from pruning_bridge.bridge.architectures import kv_copies
 from pruning_bridge.common.errors import UsageError
 from pruning_bridge.heads.removal import (
     LayerGrowthWarning,
     head_counts,
     heads_to_remove,
+    kv_copies,
     remove_heads,
 )
 
