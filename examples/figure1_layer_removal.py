@@ -19,9 +19,8 @@ from pathlib import Path
 from common import eval_settings, figure_parser, results_dir
 
 from pruning_bridge.common.cli import load_model_from_args
-from pruning_bridge.common.figures import save_figure
 from pruning_bridge.evals.data import load_wikitext2
-from pruning_bridge.figures import layer_removal_figure
+from pruning_bridge.figures import layer_removal_figure, save_figure
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation
 from pruning_bridge.pruning.layers import block_influence
 

@@ -15,8 +15,7 @@ from pathlib import Path
 from common import eval_settings, figure_parser, results_dir
 
 from pruning_bridge.common.cli import floats, load_model_from_args, names
-from pruning_bridge.common.figures import save_figure
-from pruning_bridge.figures import weight_pruning_figure
+from pruning_bridge.figures import save_figure, weight_pruning_figure
 from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, SCOPES, weight_sweep
 
 

@@ -34,17 +34,16 @@ from lens_safety.stats import format_interval
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common.atomic import write_json_atomic
 from pruning_bridge.common.errors import UsageError
-from pruning_bridge.common.figures import save_figure
 from pruning_bridge.common.identity import model_identity
 from pruning_bridge.common.jsonable import read_json
-from pruning_bridge.common.report import Section, package_versions, write_report
 from pruning_bridge.common.run_record import RunRecord
 from pruning_bridge.evals import EvalResult, EvalSettings, gsm8k_accuracy, mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_gsm8k, load_mmlu, load_wikitext2
 from pruning_bridge.evals.tasks import WIKITEXT_TEST, data_source
-from pruning_bridge.figures import (head_importance_figure, head_pruning_figure,
-                                    layer_removal_figure, router_loss_figure, weight_pruning_figure)
-from pruning_bridge.head_view import attention_figure, head_summary_figure
+from pruning_bridge.figures import (Section, head_importance_figure, head_pruning_figure,
+                                    layer_removal_figure, package_versions, router_loss_figure,
+                                    save_figure, weight_pruning_figure, write_report)
+from pruning_bridge.figures.head_view import attention_figure, head_summary_figure
 from pruning_bridge.heads.study import run_head_study
 from pruning_bridge.heads.sweep import REPORT_FRACTIONS
 from pruning_bridge.models import load_model

@@ -1,8 +1,11 @@
 """pruning_bridge: TransformerLens hook names on Hugging Face models, and model compression.
 
 Subpackages: ``bridge`` (HookBridge and the architecture table), ``evals`` (data, MMLU, GSM8K,
-perplexity), ``pruning`` (layers and weights), ``heads`` (routing, importance, removal) and
-``common`` (results log, figures, report). Everything public is re-exported here, imported on
+perplexity), ``pruning`` (layers and weights), ``heads`` (routing, importance, removal),
+``figures`` (the figures, saving them, the report) and ``common`` (errors, results log, the
+plumbing below everything else). Modules: ``models`` (``load_model``), ``random_models`` (tiny
+and true-size models with random weights), ``smollm2`` (the embedded model), ``preflight``,
+``cli`` and ``cli_options``. Everything public is re-exported here, imported on
 first use (a module ``__getattr__``), so that ``pruning-bridge --help`` starts without torch.
 """
 
@@ -11,7 +14,8 @@ from .common.lazy import lazy_exports
 _EXPORTS = {
     "bridge": ("ARCHITECTURES", "ActivationCache", "HookBridge", "UnknownHookError",
                "UnsupportedArchitectureError", "architecture_of", "model_dims"),
-    "common": ("ResultsLog", "UsageError", "save_figure"),
+    "common": ("ResultsLog", "UsageError"),
+    "figures": ("save_figure", "write_report"),
     "evals": ("DataNotFoundError", "EvalResult", "EvalSettings", "GSM8KProblem", "MMLUQuestion",
               "evaluate", "gsm8k_accuracy", "load_gsm8k", "load_mmlu", "load_wikitext2",
               "mmlu_accuracy", "mmlu_subset", "perplexity"),

@@ -100,7 +100,7 @@ def _add_layers(sub) -> None:
 
 
 def _run_layers(args: argparse.Namespace) -> int:
-    from .common.figures import save_figure
+    from .figures import save_figure
     from .figures import layer_removal_figure
     from .pruning.layer_sweep import layer_sweep
 
@@ -135,7 +135,7 @@ def _add_weights(sub) -> None:
 
 
 def _run_weights(args: argparse.Namespace) -> int:
-    from .common.figures import save_figure
+    from .figures import save_figure
     from .figures import weight_pruning_figure
     from .pruning.weight_sweep import weight_sweep
 
@@ -179,7 +179,7 @@ def _add_heads(sub) -> None:
 
 
 def _run_heads(args: argparse.Namespace) -> int:
-    from .common.figures import save_figure
+    from .figures import save_figure
     from .figures import head_importance_figure, head_pruning_figure, router_loss_figure
     from .heads.study import run_head_study
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pruning_bridge.common.report import format_duration
+from pruning_bridge.figures.report import format_duration
 from pruning_bridge.common.results import ResultsLog
 
 # the package re-exports functions with these modules' names, so import the modules themselves

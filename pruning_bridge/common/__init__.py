@@ -1,4 +1,5 @@
-"""Plumbing both packages share: results log, JSON dataclasses, tokens, figures, the report.
+"""Plumbing both packages share: errors, results log, JSON dataclasses, tokens, atomic files,
+the command-line pattern. The bottom layer: it imports nothing else of ``pruning_bridge``.
 
 The names below are imported on first use (a module ``__getattr__``), so that the command
 lines, which need ``common.cli`` and ``common.errors`` to parse their arguments, start without
@@ -17,8 +18,7 @@ ERRORS = ["DataFormatError", "DataNotFoundError", "LmEvalMissingError", "ModelLo
           "UnsupportedArchitectureError", "UsageError"]
 
 _EXPORTS = {
-    "figures": ("save_figure",), "jsonable": ("JsonDataclass",), "layers": ("check_layers",),
-    "report": ("Section", "package_versions", "write_report"),
+    "jsonable": ("JsonDataclass",), "layers": ("check_layers",),
     "results": ("ResultsLog", "row_key"), "sweep": ("Prepared", "SweepRow", "run_sweep"),
     "tokens": ("encode_batch", "left_pad", "left_padding", "model_device", "position_ids"),
 }

@@ -7,7 +7,7 @@ import pytest
 
 import pruning_bridge
 
-SUBPACKAGES = ("bridge", "evals", "heads", "pruning")
+SUBPACKAGES = ("bridge", "evals", "figures", "heads", "pruning")
 
 # Module paths of the first release (never published), removed in issue 24.
 REMOVED = ("adapters", "data", "tasks", "results", "report", "layers", "layer_sweep", "weights",

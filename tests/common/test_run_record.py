@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from pruning_bridge.common import run_record
-from pruning_bridge.common.report import write_report
+from pruning_bridge.figures.report import write_report
 from pruning_bridge.common.run_record import RunRecord, RunRecordWarning
 
 SETTINGS = {"preset": "smoke", "dtype": "float32", "sparsities": (0.1, 0.5), "detox": object}

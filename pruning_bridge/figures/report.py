@@ -1,7 +1,8 @@
 """One self-contained HTML report: sections of text, interactive figures and tables.
 
-The file opens with no network: plotly.js is inlined once and every figure is a ``<div>`` that
-uses it; the CSS is inline too. Settings and provenance close the report, so a result can be
+The file opens with no network and travels alone: plotly.js is inlined once and every figure is
+a ``<div>`` that uses it; the CSS is inline too. (Figures saved one by one, ``save_figure``,
+share a ``plotly.min.js`` in their folder instead.) Settings and provenance close the report, so a result can be
 traced back to the model, data and package versions that produced it.
 """
 
@@ -23,8 +24,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
-from .atomic import write_text_atomic
-from .figures import post_script
+from ..common.atomic import write_text_atomic
+from .save import post_script
 
 Rows = Sequence[Mapping[str, Any]] | pd.DataFrame
 

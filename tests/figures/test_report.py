@@ -9,7 +9,7 @@ import plotly.offline
 import pytest
 
 from pruning_bridge.common import atomic
-from pruning_bridge.common.report import Section, format_duration, package_versions, write_report
+from pruning_bridge.figures.report import Section, format_duration, package_versions, write_report
 
 EVIL = "<script>alert(1)</script>"
 VOID = {"meta", "link", "br", "hr", "img", "input", "col", "wbr", "area", "base", "source"}

@@ -17,8 +17,8 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from .bridge import HookBridge
-from .common.layers import check_layers
+from ..bridge import HookBridge
+from ..common.layers import check_layers
 
 
 def attention_patterns(bridge: HookBridge, text: str,

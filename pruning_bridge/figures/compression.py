@@ -1,9 +1,9 @@
 """Plotly figures of the compression studies (the report's Figures 1, 2 and 3), one function each.
 
 Each function takes result rows (``ResultsLog.rows`` or a sweep's return value), an importance
-matrix or a training log, and returns a
-``plotly.graph_objects.Figure``; ``save_figure`` writes it as interactive HTML and, when a
-Chrome/Chromium for kaleido is available, as a static PNG.
+matrix or a training log, and returns a ``plotly.graph_objects.Figure``;
+``pruning_bridge.figures.save_figure`` writes it as interactive HTML and, when a Chrome/Chromium
+for kaleido is available, as a static PNG.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from typing import Sequence
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-
-from .common.figures import save_figure  # noqa: F401  (figures and their saver, one import)
 
 TASK_TITLES = {"mmlu": "MMLU accuracy", "gsm8k": "GSM8K accuracy",
                "perplexity": "WikiText-2 perplexity"}

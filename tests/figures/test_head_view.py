@@ -5,9 +5,9 @@ import re
 import torch
 
 from pruning_bridge.bridge import HookBridge
-from pruning_bridge.common import Section, save_figure, write_report
-from pruning_bridge.head_view import (attention_figure, attention_patterns, head_summary,
-                                      head_summary_figure)
+from pruning_bridge.figures import Section, save_figure, write_report
+from pruning_bridge.figures.head_view import (attention_figure, attention_patterns,
+                                              head_summary, head_summary_figure)
 
 TEXT = "The quick brown fox jumps over the lazy dog"
 
