@@ -1,33 +1,52 @@
-"""Caching activations four ways on SmolLM2-135M: plain HF, HookBridge, nnterp, TransformerLens.
+"""HookBridge against plain HF, TransformerLens and nnterp on SmolLM2-135M: time, memory, exactness.
 
-Same weights, same WikiText-2 batch (8 windows of 256 tokens; ``--quick``: 2 x 64), two workloads:
+Same weights, same WikiText-2 batch (``--batch`` windows of ``--seq`` tokens), six workloads:
 
-    A  cache ``resid_post`` of every layer;
-    B  A plus the attention pattern of one layer (``--pattern-layer``, default 10).
+    forward       logits;
+    resid_post    logits and a cache of every layer's ``resid_post``;
+    ablation      logits with one head's ``attn.hook_z`` zeroed (``--head L.H``, default 10.3);
+    pattern       logits, every ``resid_post`` and one layer's attention pattern
+                  (``--pattern-layer``, default 10);
+    generate      greedy generation of ``--new-tokens`` (20) tokens from the first
+                  ``--prompt`` (32) tokens of each window, no hook;
+    generate+ablation   the same under the head ablation.
 
-Paths: (1) the plain HF forward with ``output_hidden_states=True`` (for B an eager-attention copy
-with ``output_attentions=True``), the baseline; (2) ``HookBridge.run_with_cache``; (3) nnterp's
-``StandardizedTransformer`` (``layers_output[i]`` / ``attention_probabilities[i]`` in a trace;
-benchmark-only dependency, skipped with a message when it does not import); (4) TransformerLens
-``HookedTransformer.run_with_cache`` built by ``lens_safety.hooked.hooked_from_hf``.
+Paths: plain HF with sdpa attention (the model as loaded) and an eager-attention copy (HF gives
+attention patterns only in eager); the head ablation there is a plain torch forward pre-hook
+zeroing the head's slice of ``o_proj``'s input, and generation is HF's own ``generate`` with that
+hook. ``HookBridge`` wraps the sdpa model. ``TransformerBridge`` (TransformerLens 4.x) is booted on
+a deep copy of the HF model (booting rewires the model in place and switches it to eager
+attention) with ``enable_compatibility_mode(no_processing=True)``, as
+``lens_safety.backend.transformer_lens`` does; its generation runs as TransformerLens's
+``generate`` does by default (KV cache) and, in a second row, without the KV cache (what
+lens_safety uses, since the cached decoding drifts). ``HookedTransformer`` runs when
+TransformerLens 3.x is installed (``PYTHONPATH=/tmp/tl39``), nnterp's ``StandardizedTransformer``
+when nnterp imports (benchmark-only dependency; the resid_post and pattern workloads); a path that
+cannot run says why.
 
-Every path is checked against the plain forward: the relative max difference
-``max|x - ref| / max|ref|`` over every resid_post (HF's last hidden state is the final-norm'd one,
-so the last resid_post is compared after ``model.model.norm``) and over the pattern's causal
-(real) positions. Time is the median of ``--repeats`` runs after one warm-up; memory is the peak
-process RSS during one extra run minus the RSS just before it (psutil, sampled every ms in a
-thread, after ``malloc_trim``), so it counts everything the run allocates: activations, cache,
-wrapper overhead. Threads: ``OMP_NUM_THREADS`` if set, else torch's default.
+Columns: the median wall time of ``--repeats`` runs after one warm-up, as a ratio to plain HF
+(sdpa; for the pattern workload HF eager, the only plain HF that returns a pattern); the peak
+process RSS during one more run minus the RSS just before it (psutil, sampled every ms, after gc
+and ``malloc_trim``); the relative max difference ``max|x - ref| / max|ref|`` to HF sdpa and to HF
+eager over the logits, every cached ``resid_post`` (HF's last hidden state is after the final
+norm, so the last ``resid_post`` is compared through ``model.model.norm``) and the pattern's
+causal positions (the pattern against HF eager only: sdpa has none); for generation, whether the
+generated tokens equal HF's (``yes``, or the first new token that differs).
 
-    python benchmarks/bench_hooks.py [--quick] [--batch 8] [--seq 256] [--repeats 5]
+    OMP_NUM_THREADS=1 python benchmarks/bench_hooks.py [--quick] [--batch 4] [--seq 128]
+        [--repeats 5] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
+import datetime
 import gc
+import importlib.metadata
+import json
 import os
 import sys
 import threading
@@ -35,18 +54,19 @@ import time
 import types
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
 from common import median_time
 
-from lens_safety.hooked import hooked_from_hf
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.evals import load_wikitext2
 from pruning_bridge.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAIN = "1. plain HF forward"
+WORKLOADS = ("forward", "resid_post", "ablation", "pattern", "generate", "generate+ablation")
+GENERATION = ("generate", "generate+ablation")
 
 
 # --------------------------------------------------------------------------- nnterp on nnsight 0.8
@@ -89,11 +109,44 @@ def llama_attn_probs(attn, return_module_source: bool = False):
     return source if return_module_source else source.nn_functional_dropout_0
 
 
+# --------------------------------------------------------------------------- TransformerLens
+def transformer_lens_version() -> str | None:
+    try:
+        import transformer_lens
+    except ImportError:
+        return None
+    return getattr(transformer_lens, "__version__", None) or \
+        importlib.metadata.version("transformer_lens")
+
+
+def boot_transformer_bridge(model, tokenizer):
+    """A compatibility-mode, unprocessed TransformerBridge on a deep copy of ``model`` (as
+    ``lens_safety.backend.transformer_lens`` builds it on TransformerLens 4)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    copied = copy.deepcopy(model)
+    bridge = TransformerBridge.boot_transformers(
+        copied.config._name_or_path or copied.config.model_type, hf_model=copied,
+        tokenizer=tokenizer, device=next(copied.parameters()).device,
+        dtype=next(copied.parameters()).dtype)
+    bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
+    return bridge.eval().requires_grad_(False)
+
+
+def hooked_transformer(model, tokenizer):
+    """TransformerLens 3.x's HookedTransformer on ``model``'s unprocessed weights."""
+    try:
+        from lens_safety.backend.transformer_lens import hooked_from_hf
+    except ImportError:  # before lens_safety's backend package
+        from lens_safety.hooked import hooked_from_hf
+    return hooked_from_hf(model, tokenizer).requires_grad_(False)
+
+
 # ------------------------------------------------------------------------------------- memory
 _libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
 
 
-def peak_rss_delta(fn) -> float:
+def peak_rss_delta(fn: Callable[[], object]) -> float:
     """Peak RSS (bytes) above the pre-call RSS while ``fn()`` runs, sampled every millisecond."""
     gc.collect()
     if _libc is not None:
@@ -123,49 +176,73 @@ def peak_rss_delta(fn) -> float:
 
 # -------------------------------------------------------------------------------------- checks
 def rel_diff(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """``max|x - ref| / max|ref|`` (over ``mask``'s positions of the last two axes, if given)."""
     x, ref = x.detach().float(), ref.detach().float()
     if mask is not None:
         x, ref = x[..., mask], ref[..., mask]
     return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def max_rel_diff(out, ref, norm, pattern_layer: int | None, plain: bool = False) -> float:
-    """``out``/``ref``: (list of resid_post, pattern or None); ``ref`` is the plain forward's,
-    whose last entry is HF's last hidden state (after the final norm): ``out``'s last resid_post
-    goes through ``norm`` first unless ``out`` is a plain forward's too."""
-    resid, pattern = out
-    ref_resid, ref_pattern = ref
-    diffs = [rel_diff(r, q) for r, q in zip(resid[:-1], ref_resid[:-1])]
-    with torch.no_grad():
-        diffs.append(rel_diff(resid[-1] if plain else norm(resid[-1]), ref_resid[-1]))
-    if pattern_layer is not None:
-        seq = ref_pattern.shape[-1]
-        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-        diffs.append(rel_diff(pattern, ref_pattern, causal))
-    return max(diffs)
+def compare(out: dict, ref: dict) -> float | None:
+    """Largest relative difference over the entries both outputs have (None if none)."""
+    diffs = []
+    for key in ("logits", "resid"):
+        if key in out and key in ref:
+            diffs += [rel_diff(x, r) for x, r in zip(out[key], ref[key])] if key == "resid" \
+                else [rel_diff(out[key], ref[key])]
+    if out.get("pattern") is not None and ref.get("pattern") is not None:
+        seq = ref["pattern"].shape[-1]
+        diffs.append(rel_diff(out["pattern"], ref["pattern"],
+                              torch.ones(seq, seq, dtype=torch.bool).tril()))
+    return max(diffs) if diffs else None
+
+
+def same_tokens(out: torch.Tensor, ref: torch.Tensor, prompt: int) -> str:
+    """``"yes"`` when the generated tokens are equal, else where they first differ."""
+    new, ref_new = out[:, prompt:], ref[:, prompt:]
+    if new.shape == ref_new.shape and torch.equal(new, ref_new):
+        return "yes"
+    n = min(new.shape[1], ref_new.shape[1])
+    differs = (new[:, :n] != ref_new[:, :n]).any(0).nonzero()
+    at = differs[0, 0].item() + 1 if len(differs) else n + 1
+    return f"no (token {at})"
 
 
 # ---------------------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--batch", type=int, default=None, help="default 8 (2 with --quick)")
-    parser.add_argument("--seq", type=int, default=None, help="default 256 (64 with --quick)")
-    parser.add_argument("--repeats", type=int, default=None, help="default 5 (2 with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="default 4 (2 with --quick)")
+    parser.add_argument("--seq", type=int, default=None, help="default 128 (64 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (3 with --quick)")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens for generation")
+    parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--pattern-layer", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="batch 2 x 64, 2 repeats")
-    args = parser.parse_args()
-    batch = args.batch or (2 if args.quick else 8)
-    seq = args.seq or (64 if args.quick else 256)
-    repeats = args.repeats or (2 if args.quick else 5)
+    parser.add_argument("--head", default="10.3", help="LAYER.HEAD whose hook_z is zeroed")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--quick", action="store_true", help="batch 2 x 64, 3 repeats")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also save the rows here")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    batch = args.batch or (2 if args.quick else 4)
+    seq = args.seq or (64 if args.quick else 128)
+    repeats = args.repeats or (3 if args.quick else 5)
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        raise SystemExit(f"unknown workloads {sorted(unknown)}; choose from {WORKLOADS}")
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a library reset it
     warnings.filterwarnings("ignore")
 
     model, tok = load_model(args.model)
-    model.requires_grad_(False)  # every path runs without autograd (nnsight may trace off-thread)
+    model.requires_grad_(False).eval()
     eager = copy.deepcopy(model)
     eager.config._attn_implementation = "eager"
     text = load_wikitext2("test", args.data)[:400_000]
@@ -173,100 +250,252 @@ def main() -> None:
     if len(ids) < batch * seq:
         raise SystemExit(f"only {len(ids)} tokens of WikiText-2 for {batch} x {seq}")
     ids = ids[: batch * seq].view(batch, seq)
+    prompt = ids[:, : min(args.prompt, seq)]
     n = model.config.num_hidden_layers
     P = args.pattern_layer
+    L, H = (int(part) for part in args.head.split("."))
+    d_head = model.config.hidden_size // model.config.num_attention_heads
     post = [f"blocks.{layer}.hook_resid_post" for layer in range(n)]
-    pattern_name = f"blocks.{P}.attn.hook_pattern"
+    pattern_name, z_name = f"blocks.{P}.attn.hook_pattern", f"blocks.{L}.attn.hook_z"
     norm = model.model.norm
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    bridge = HookBridge(model, tok)
-    hooked = hooked_from_hf(model, tok).requires_grad_(False)
+    # ---- the edit, three ways: TransformerLens's hook_z, and a plain torch pre-hook on o_proj
+    def zero_head(z, hook):
+        z[:, :, H] = 0
+        return z
+
+    def zero_head_hf(module, args_):
+        args_[0][..., H * d_head:(H + 1) * d_head] = 0
+
+    @contextlib.contextmanager
+    def hf_ablation(net, on: bool):
+        handle = (net.model.layers[L].self_attn.o_proj.register_forward_pre_hook(zero_head_hf)
+                  if on else None)
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def normed_last(resid: list) -> list:
+        return resid[:-1] + [norm(resid[-1])]
+
+    # ---- runners: workload -> (fn returning an output dict) per path
+    def hf(net, name_: str):
+        def forward():
+            with torch.no_grad():
+                return {"logits": net(input_ids=ids).logits}
+
+        def resid(with_pattern: bool):
+            def run():
+                with torch.no_grad():
+                    out = net(input_ids=ids, output_hidden_states=True,
+                              output_attentions=with_pattern)
+                return {"logits": out.logits, "resid": list(out.hidden_states[1:]),
+                        "pattern": out.attentions[P] if with_pattern else None}
+            return run
+
+        def ablation():
+            with hf_ablation(net, True), torch.no_grad():
+                return {"logits": net(input_ids=ids).logits}
+
+        def generate(ablate: bool):
+            def run():
+                with hf_ablation(net, ablate), torch.no_grad():
+                    return {"tokens": net.generate(
+                        input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                        max_new_tokens=args.new_tokens, do_sample=False, temperature=None,
+                        top_p=None, top_k=None, pad_token_id=pad_id)}
+            return run
+
+        runs = {"forward": forward, "resid_post": resid(False), "ablation": ablation,
+                "generate": generate(False), "generate+ablation": generate(True)}
+        if name_ == "eager":
+            runs["pattern"] = resid(True)
+        return runs
+
+    def hook_bridge(bridge):
+        def forward():
+            return {"logits": bridge(ids)}
+
+        def cache(names):
+            def run():
+                logits, cache_ = bridge.run_with_cache(ids, names=names)
+                return {"logits": logits, "resid": normed_last([cache_[p] for p in post]),
+                        "pattern": cache_[pattern_name] if pattern_name in names else None}
+            return run
+
+        def ablation():
+            with bridge.hooks([(z_name, zero_head)]):
+                return {"logits": bridge(ids)}
+
+        def generate(ablate: bool):
+            def run():
+                with bridge.hooks([(z_name, zero_head)] if ablate else []):
+                    return {"tokens": bridge.generate(prompt, max_new_tokens=args.new_tokens)}
+            return run
+
+        return {"forward": forward, "resid_post": cache(post),
+                "ablation": ablation, "pattern": cache(post + [pattern_name]),
+                "generate": generate(False), "generate+ablation": generate(True)}
+
+    def lens(hooked, kv_cache: bool = True):
+        """TransformerLens's API (HookedTransformer and TransformerBridge alike)."""
+        def forward():
+            with torch.no_grad():
+                return {"logits": hooked(ids, return_type="logits")}
+
+        def cache(names):
+            def run():
+                with torch.no_grad():
+                    logits, cache_ = hooked.run_with_cache(ids, names_filter=names)
+                return {"logits": logits, "resid": normed_last([cache_[p] for p in post]),
+                        "pattern": cache_[pattern_name] if pattern_name in names else None}
+            return run
+
+        def ablation():
+            with hooked.hooks(fwd_hooks=[(z_name, zero_head)]), torch.no_grad():
+                return {"logits": hooked(ids, return_type="logits")}
+
+        def generate(ablate: bool):
+            def run():
+                with hooked.hooks(fwd_hooks=[(z_name, zero_head)] if ablate else []), \
+                        torch.no_grad():
+                    return {"tokens": hooked.generate(
+                        prompt, max_new_tokens=args.new_tokens, do_sample=False,
+                        stop_at_eos=False, verbose=False, use_past_kv_cache=kv_cache)}
+            return run
+
+        if not kv_cache:
+            return {"generate": generate(False), "generate+ablation": generate(True)}
+        return {"forward": forward, "resid_post": cache(post),
+                "ablation": ablation, "pattern": cache(post + [pattern_name]),
+                "generate": generate(False), "generate+ablation": generate(True)}
+
+    def nnterp(models):
+        def cache(with_pattern: bool):
+            st = models["eager" if with_pattern else "sdpa"]
+
+            def run():
+                resid, saved = [], []
+                with torch.no_grad(), st.trace(ids):
+                    for layer in range(n):  # nnsight 0.8 wants accesses in execution order
+                        if with_pattern and layer == P:
+                            saved.append(st.attention_probabilities[P].save())
+                        resid.append(st.layers_output[layer].save())
+                    logits = st.logits.save()
+                return {"logits": logits, "resid": normed_last(resid),
+                        "pattern": saved[0] if with_pattern else None}
+            return run
+        return {"resid_post": cache(False), "pattern": cache(True)}
+
+    # ---- the paths
+    paths: dict[str, dict[str, Callable[[], dict]]] = {
+        "HF sdpa": hf(model, "sdpa"), "HF eager": hf(eager, "eager"),
+        "HookBridge": hook_bridge(HookBridge(model, tok))}
+    notes = []
+    version = transformer_lens_version()
+    if version is None:
+        notes.append("TransformerLens rows skipped: transformer_lens does not import.")
+    else:
+        if version.startswith("3."):
+            try:
+                paths[f"HookedTransformer (TL {version})"] = lens(hooked_transformer(model, tok))
+            except Exception as exc:  # noqa: BLE001  (report and skip the row)
+                notes.append(f"HookedTransformer skipped: {type(exc).__name__}: {exc}")
+        else:
+            notes.append(f"HookedTransformer skipped: TransformerLens {version} removed it (4.0); "
+                         f"run with PYTHONPATH=/tmp/tl39 (TransformerLens 3.9) for that row.")
+        try:
+            tb = boot_transformer_bridge(model, tok)
+            paths[f"TransformerBridge (TL {version})"] = lens(tb)
+            paths["TransformerBridge, no KV cache"] = lens(tb, kv_cache=False)
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"TransformerBridge skipped: {type(exc).__name__}: {exc}")
     StandardizedTransformer, RenameConfig = import_nnterp()
-    nnterp_models = {}
     if StandardizedTransformer is None:
-        print(f"nnterp skipped: it does not import ({RenameConfig}). "
-              f"Install it with `.venv/bin/pip install nnterp` (benchmark-only dependency).")
+        notes.append(f"nnterp skipped: it does not import ({RenameConfig}); install it with "
+                     f"`.venv/bin/pip install nnterp` (benchmark-only dependency).")
     else:
         try:
-            # Wrap the already-loaded modules (no hub access): a copy in the model's own attention
-            # implementation for A, the eager copy (needed for attention probabilities) for B.
-            nnterp_models["A"] = StandardizedTransformer(copy.deepcopy(model), tokenizer=tok)
-            nnterp_models["B"] = StandardizedTransformer(
-                eager, tokenizer=tok, enable_attention_probs=True,
-                rename_config=RenameConfig(attn_prob_source=llama_attn_probs))
-        except Exception as exc:  # noqa: BLE001  (report and skip the row)
-            print(f"nnterp skipped: StandardizedTransformer failed ({type(exc).__name__}: {exc})")
-            nnterp_models = {}
+            eager_copy = copy.deepcopy(eager)
+            paths["nnterp StandardizedTransformer"] = nnterp({
+                "sdpa": StandardizedTransformer(copy.deepcopy(model), tokenizer=tok),
+                "eager": StandardizedTransformer(
+                    eager_copy, tokenizer=tok, enable_attention_probs=True,
+                    rename_config=RenameConfig(attn_prob_source=llama_attn_probs))})
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"nnterp skipped: StandardizedTransformer failed "
+                         f"({type(exc).__name__}: {exc})")
 
-    # Each runner returns ([resid_post per layer], pattern or None).
-    def plain(with_pattern: bool):
-        net = eager if with_pattern else model
+    # ---- measure
+    load = os.getloadavg()
+    threads = torch.get_num_threads()
+    print(f"{args.model} fp32 CPU, WikiText-2 batch {batch} x {seq} (generation: prompt "
+          f"{prompt.shape[1]}, {args.new_tokens} new tokens), {threads} threads, median of "
+          f"{repeats} after a warm-up; load average before: {load[0]:.1f}")
+    for note in notes:
+        print(note)
+    rows = []
+    for workload in workloads:
+        base_name = "HF eager" if workload == "pattern" else "HF sdpa"
+        # HF sdpa has no pattern: the pattern workload's sdpa reference is its resid_post run
+        refs = {name: paths[name]["resid_post" if workload == "pattern" else workload]()
+                for name in ("HF sdpa", "HF eager")}
+        measured = []
+        for name, runs in paths.items():
+            if workload not in runs:
+                continue
+            run = runs[workload]
+            try:
+                out = run()
+                if workload in GENERATION:
+                    vs = {ref: same_tokens(out["tokens"], r["tokens"], prompt.shape[1])
+                          for ref, r in refs.items()}
+                else:
+                    vs = {ref: compare(out, r) for ref, r in refs.items()}
+                del out
+                seconds = median_time(run, repeats=repeats)
+                memory = peak_rss_delta(run)
+            except Exception as exc:  # noqa: BLE001  (a path that fails: say so, go on)
+                print(f"{workload}: {name} failed: {type(exc).__name__}: {exc}")
+                continue
+            measured.append(dict(workload=workload, path=name, seconds=seconds,
+                                 rss_mib=memory / 2**20, vs_sdpa=vs.get("HF sdpa"),
+                                 vs_eager=vs.get("HF eager")))
+        base = next(r["seconds"] for r in measured if r["path"] == base_name)
+        for row in measured:
+            row["ratio"] = row["seconds"] / base
+        rows += measured
+        print_workload(workload, base_name, measured)
+    print("\nratio: time / the plain HF row named; peak RSS: psutil RSS sampled every ms during "
+          "one run minus the RSS before it; vs HF: relative max difference max|x - HF| / max|HF| "
+          "over logits, every resid_post and the pattern's causal positions (generation: equal "
+          "generated tokens).")
+    if args.json:
+        meta = dict(model=args.model, batch=batch, seq=seq, repeats=repeats, threads=threads,
+                    prompt=prompt.shape[1], new_tokens=args.new_tokens, head=args.head,
+                    pattern_layer=P, load_average=load, transformer_lens=version,
+                    torch=torch.__version__, command=" ".join(sys.argv),
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(), notes=notes)
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"rows saved to {args.json}")
 
-        @torch.no_grad()
-        def run():
-            out = net(input_ids=ids, output_hidden_states=True, output_attentions=with_pattern)
-            return list(out.hidden_states[1:]), (out.attentions[P] if with_pattern else None)
-        return run
 
-    def via_bridge(with_pattern: bool):
-        names = post + [pattern_name] if with_pattern else post
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else f"{value:.1e}"
 
-        @torch.no_grad()
-        def run():
-            _, cache = bridge.run_with_cache(ids, names=names)
-            return [cache[name] for name in post], (cache[pattern_name] if with_pattern else None)
-        return run
 
-    def via_nnterp(with_pattern: bool):
-        st = nnterp_models["B" if with_pattern else "A"]
-
-        @torch.no_grad()
-        def run():
-            resid, saved = [], []
-            with st.trace(ids):
-                for layer in range(n):  # nnsight 0.8 wants accesses in execution order
-                    if with_pattern and layer == P:
-                        saved.append(st.attention_probabilities[P].save())
-                    resid.append(st.layers_output[layer].save())
-            return resid, (saved[0] if with_pattern else None)
-        return run
-
-    def via_lens(with_pattern: bool):
-        names = post + [pattern_name] if with_pattern else post
-
-        @torch.no_grad()
-        def run():
-            _, cache = hooked.run_with_cache(ids, names_filter=names)
-            return [cache[name] for name in post], (cache[pattern_name] if with_pattern else None)
-        return run
-
-    paths = {PLAIN: plain, "2. HookBridge.run_with_cache": via_bridge}
-    if nnterp_models:
-        paths["3. nnterp StandardizedTransformer"] = via_nnterp
-    paths["4. TransformerLens run_with_cache"] = via_lens
-
-    for workload, with_pattern in (("A", False), ("B", True)):
-        what = f"{n} resid_post" + (f" + layer-{P} attention pattern" if with_pattern else "")
-        reference = plain(with_pattern)()
-        rows = []
-        for name, make in paths.items():
-            run = make(with_pattern)
-            diff = max_rel_diff(run(), reference, norm, P if with_pattern else None,
-                                plain=name == PLAIN)
-            seconds = median_time(run, repeats=repeats)
-            memory = peak_rss_delta(run)
-            rows.append((name, seconds, memory, diff))
-        base = rows[0][1]
-        print(f"\nWorkload {workload}: cache {what}; {args.model} fp32 CPU, WikiText-2 batch "
-              f"{batch} x {seq}, {torch.get_num_threads()} threads, median of {repeats}")
-        print(f"{'path':<38}{'seconds':>9}{'ratio':>8}{'peak RSS delta':>16}{'max rel diff':>14}")
-        for name, seconds, memory, diff in rows:
-            print(f"{name:<38}{seconds:>9.3f}{seconds / base:>8.2f}"
-                  f"{memory / 2**20:>12.0f} MiB{diff:>14.1e}")
-    print("\npeak RSS delta: psutil RSS sampled every ms during one run, minus RSS before it "
-          "(after gc + malloc_trim). max rel diff: max|x - plain| / max|plain| over every "
-          "resid_post (the last one after the final norm, as HF reports it) and the pattern's "
-          "causal positions.")
+def print_workload(workload: str, base_name: str, rows: list[dict]) -> None:
+    print(f"\n{workload} (ratio to {base_name})")
+    print(f"{'path':<34}{'seconds':>9}{'ratio':>7}{'peak RSS':>12}{'vs HF sdpa':>14}"
+          f"{'vs HF eager':>14}")
+    for r in rows:
+        print(f"{r['path']:<34}{r['seconds']:>9.3f}{r['ratio']:>7.2f}{r['rss_mib']:>8.0f} MiB"
+              f"{_fmt(r['vs_sdpa']):>14}{_fmt(r['vs_eager']):>14}")
 
 
 if __name__ == "__main__":

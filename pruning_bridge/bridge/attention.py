@@ -7,7 +7,9 @@ for that trace only (registered in transformers' attention interface with sdpa's
 and only in the layers the trace touches: the other layers run sdpa, and every other trace keeps
 the model's own kernel (sdpa, flash). ``hooked_attention`` computes
 attention as TransformerLens does: scores in fp32, masked positions ``-inf``, softmax, fully
-masked rows (left padding) 0, and the pattern times the values in the model's dtype.
+masked rows (left padding) 0, and the pattern times the values in the model's dtype. When no hook
+changed any of these values (they are only cached), the layer's output is sdpa's, so a trace that
+caches patterns gives exactly the logits and activations of the model without it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "hookbridge"
 ROTARY_NAMES = ("attn.hook_rot_q", "attn.hook_rot_k")
 PATTERN_NAMES = ("attn.hook_attn_scores", "attn.hook_pattern")
-Visit = Callable[[str, Tensor], Tensor | None]
+Visit = Callable[[str, Tensor, bool], Tensor | None]
 # per trace running with hooked_attention: its visit function and the layers it touches
 _active: list[tuple[Visit, frozenset[int]]] = []
 
 
 def _visit(name: str, value: Tensor) -> Tensor | None:
-    return _active[-1][0](name, value)
+    """The hooks' replacement of ``value``, or None; an in-place edit counts as a replacement
+    (computed=True: compared with a copy when a hook runs), since the output depends on it."""
+    return _active[-1][0](name, value, True)
 
 
 def _keep(attention_mask: Tensor | None, q_len: int, k_len: int, device) -> Tensor:
@@ -54,12 +58,14 @@ def hooked_attention(module, query: Tensor, key: Tensor, value: Tensor,
                                       scaling=scaling, **kwargs)
     prefix = f"blocks.{module.layer_idx}.attn."
     q_len = query.shape[2]
+    inputs, edited = (query, key, value), False  # edited: a hook changed a value below
     new = _visit(prefix + "hook_rot_q", query.transpose(1, 2))
     if new is not None:
-        query = new.transpose(1, 2).to(query.dtype)
+        query, edited = new.transpose(1, 2).to(query.dtype), True
     new = _visit(prefix + "hook_rot_k", key[:, :, -q_len:].transpose(1, 2))
     if new is not None:
         key = torch.cat([key[:, :, :-q_len], new.transpose(1, 2).to(key.dtype)], dim=2)
+        edited = True
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: shared kv heads
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -68,12 +74,16 @@ def hooked_attention(module, query: Tensor, key: Tensor, value: Tensor,
     scores = scores.masked_fill(~keep, float("-inf"))
     new = _visit(prefix + "hook_attn_scores", scores)
     if new is not None:
-        scores = new.float()
+        scores, edited = new.float(), True
     pattern = torch.softmax(scores, dim=-1)
     pattern = torch.where(torch.isnan(pattern), 0.0, pattern)  # rows with nothing to attend to
     new = _visit(prefix + "hook_pattern", pattern)
     if new is not None:
-        pattern = new.float()
+        pattern, edited = new.float(), True
+    if not edited:  # only read: the output is the model's own kernel's, as without the trace
+        out, _ = sdpa_attention_forward(module, *inputs, attention_mask, dropout=dropout,
+                                        scaling=scaling, **kwargs)
+        return out, pattern
     out = torch.matmul(pattern.to(value.dtype), value)
     return out.transpose(1, 2).contiguous(), pattern
 
