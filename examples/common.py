@@ -1,12 +1,12 @@
 """What the figure scripts share: the options that pick a model, its evaluation and where results
-go (the toolkit's own CLI options, from ``pruning_bridge.common.cli``)."""
+go (the toolkit's own CLI options, from ``pruning_bridge.cli_options``)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pruning_bridge.common.cli import add_eval_options, add_model_options, eval_settings
+from pruning_bridge.cli_options import add_eval_options, add_model_options, eval_settings
 
 __all__ = ["eval_settings", "figure_parser", "results_dir"]
 

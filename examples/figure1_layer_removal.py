@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import eval_settings, figure_parser, results_dir
 
-from pruning_bridge.common.cli import load_model_from_args
+from pruning_bridge.cli_options import load_model_from_args
 from pruning_bridge.evals.data import load_wikitext2
 from pruning_bridge.figures import layer_removal_figure, save_figure
 from pruning_bridge.pruning.layer_sweep import layer_sweep, rank_correlation

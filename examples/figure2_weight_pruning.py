@@ -14,7 +14,8 @@ from pathlib import Path
 
 from common import eval_settings, figure_parser, results_dir
 
-from pruning_bridge.common.cli import floats, load_model_from_args, names
+from pruning_bridge.cli_options import load_model_from_args
+from pruning_bridge.common.cli import floats, names
 from pruning_bridge.figures import save_figure, weight_pruning_figure
 from pruning_bridge.pruning.weight_sweep import REPORT_SPARSITIES, SCOPES, weight_sweep
 

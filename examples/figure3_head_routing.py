@@ -18,7 +18,7 @@ from pathlib import Path
 from common import eval_settings, figure_parser, results_dir
 from scipy.stats import spearmanr
 
-from pruning_bridge.common.cli import load_model_from_args
+from pruning_bridge.cli_options import load_model_from_args
 from pruning_bridge.figures import (head_importance_figure, head_pruning_figure, router_loss_figure,
                                     save_figure)
 from pruning_bridge.heads.study import run_head_study

@@ -2,7 +2,7 @@
 
 (``python -m pruning_bridge`` is the same.)
 One ``_add_<command>`` per subcommand builds its options (shared ones from
-``pruning_bridge.common.cli``); lists are comma lists. Bad input exits with 2 and one line.
+``pruning_bridge.common.cli`` and ``pruning_bridge.cli_options``); lists are comma lists. Bad input exits with 2 and one line.
 The parser imports nothing heavy: each ``_run_<command>`` imports what it runs.
 """
 
@@ -14,10 +14,11 @@ import sys
 import time
 from typing import Sequence
 
-from .common.cli import (TASKS, ArgumentParser, add_eval_options, add_model_options, bounded,
-                         check_options_fit, choice_list, comma_list, count, count0,
-                         eval_settings, input_folder, ints, load_model_from_args, names,
-                         naming_option, output_file, output_folder, run_command)
+from .cli_options import (add_eval_options, add_model_options, check_options_fit, eval_settings,
+                          load_model_from_args)
+from .common.cli import (TASKS, ArgumentParser, bounded, choice_list, comma_list, count, count0,
+                         input_folder, ints, names, naming_option, output_file, output_folder,
+                         run_command)
 
 SWEEP_OUT_HELP = "results JSONL (appended; rerun to resume)"
 

@@ -16,6 +16,7 @@ from cli_checks import exit_status, one_error_line
 
 import lens_safety.cli as safety_cli
 import pruning_bridge.cli as bridge_cli
+from pruning_bridge import cli_options
 from pruning_bridge.common import cli as common_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +274,8 @@ def test_the_parsers_names_match_their_modules():
 
     assert common_cli.TASKS == TASKS
     defaults = EvalSettings()
-    assert (common_cli.EVAL_SEED, common_cli.EVAL_MAX_NEW_TOKENS, common_cli.EVAL_BATCH_SIZE) \
+    assert (cli_options.EVAL_SEED, cli_options.EVAL_MAX_NEW_TOKENS,
+            cli_options.EVAL_BATCH_SIZE) \
         == (defaults.seed, defaults.max_new_tokens, defaults.batch_size)
     assert all(resolve_dtype(name) is not None for name in common_cli.DTYPES)
     assert bridge_cli.REPORT_SPARSITIES == weight_sweep.REPORT_SPARSITIES
@@ -300,14 +302,3 @@ def test_every_exported_name_still_imports(package):
     assert set(module.__all__) <= set(namespace)
     with pytest.raises(AttributeError):
         module.no_such_name  # noqa: B018
-
-
-def test_the_sweep_names_stay_functions():
-    """``pruning_bridge.layer_sweep`` is the function, also after the deprecated module of the
-    same name is imported."""
-    import pruning_bridge
-    import pruning_bridge.layer_sweep  # noqa: F401 - the deprecated module
-    from pruning_bridge import head_sweep, layer_sweep, weight_sweep
-
-    assert all(callable(f) for f in (layer_sweep, head_sweep, weight_sweep))
-    assert pruning_bridge.layer_sweep is layer_sweep

@@ -211,7 +211,7 @@ def test_the_layer_sweep_runs_remotely_one_request_per_batch(tiny, data_dir):
 def test_the_cli_model_options_make_a_remote_bridge(tiny, tmp_path):
     import argparse
 
-    from pruning_bridge.common.cli import add_model_options, load_model_from_args
+    from pruning_bridge.cli_options import add_model_options, load_model_from_args
 
     model, tok = tiny("tiny-gpt2")
     model.save_pretrained(tmp_path)
