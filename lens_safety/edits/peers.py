@@ -88,6 +88,21 @@ STATE_KEYS = {"aura": ("auroc", "factors"), "mean_act": ("shift",),
               "caa": ("v",)}
 
 
+# a block's hook points in the order they run (for names and configs independent of how a state
+# was stored: safetensors sorts its keys)
+BLOCK_ORDER = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q",
+               "attn.hook_k", "attn.hook_v", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+               "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear",
+               "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+
+
+def run_order(name: str) -> tuple[int, int, str]:
+    """A sort key putting ``blocks.L.<hook>`` names in the order the model runs them."""
+    _, layer, hook = name.split(".", 2)
+    return (int(layer), BLOCK_ORDER.index(hook) if hook in BLOCK_ORDER else len(BLOCK_ORDER),
+            hook)
+
+
 class PeerError(UsageError):
     """Bad input for fitting or applying a published detox edit."""
 
@@ -233,7 +248,8 @@ def split_state(kind: str, state: dict[str, Tensor]) -> dict[str, dict[str, Tens
     out: dict[str, dict[str, Tensor]] = {}
     for full, value in state.items():
         name, _, key = full.rpartition(".")
-        if not name.startswith("blocks."):
+        parts = name.split(".", 2)
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
             raise PeerError(f"State key {full!r} is not 'blocks.L.<hook>.<key>'.")
         out.setdefault(name, {})[key] = torch.as_tensor(value)
     need = set(STATE_KEYS[kind]) - {"accuracy", "std", "auroc"}
@@ -327,6 +343,8 @@ class PeerEdit:
         check_kind(self.how)
         self.strength = _strength(self.how, self.strength)
         split_state(self.how, self.state)
+        self.state = {key: self.state[key] for key in sorted(
+            self.state, key=lambda k: (run_order(k.rpartition(".")[0]), k))}
 
     @property
     def names(self) -> list[str]:
@@ -364,7 +382,8 @@ class PeerEdit:
             digest.update(key.encode())
             digest.update(self.state[key].detach().float().cpu().contiguous().numpy().tobytes())
         layers = sorted({int(n.split(".")[1]) for n in self.names})
-        where = list(dict.fromkeys(n.split(".", 2)[2] for n in self.names))
+        where = sorted({n.split(".", 2)[2] for n in self.names},
+                       key=lambda hook: run_order(f"blocks.0.{hook}"))
         return {"how": self.how, "where": where, "layers": layers, "strength": self.strength,
                 **{k: v for k, v in self.info.items() if isinstance(v, (str, int, float))},
                 "vectors": digest.hexdigest()[:12]}

@@ -1,0 +1,134 @@
+"""compare_edits end to end on a tiny Llama with the real RTP data: one table row per method, each
+pick the least toxic validation point within the budget (perplexity and non-toxic fluency,
+checked here by hand from the sweep rows), a rerun that recomputes nothing, and the selection
+rules on hand-made rows."""
+
+import json
+
+import pytest
+import torch
+
+from lens_safety.data.rtp import load_rtp, split_rtp
+from lens_safety.edits.edit import Edit
+from lens_safety.edits.peers import KINDS, PeerError
+from lens_safety.evaluation import compare as compare_module
+from lens_safety.evaluation import selection
+from lens_safety.evaluation.compare import (
+    OURS,
+    CompareError,
+    CompareSettings,
+    compare_edits,
+    comparison_figure,
+    format_table,
+    picks,
+    table_rows,
+    with_nontoxic_fluency,
+)
+from pruning_bridge.bridge import HookBridge
+
+TINY = CompareSettings(strengths=(("caa", (0.05,)),), top_heads=3, n_train=6, n_validation=2,
+                       sweep_k=2, sweep_window=16, sweep_windows=1, k=2, n_test_toxic=2,
+                       n_test_nontoxic=2, test_window=16, test_windows=1, test_mmlu=2,
+                       max_new_tokens=3, batch_size=8)
+
+
+def key(config):
+    return json.dumps(config, sort_keys=True)
+
+
+def test_compare_edits_one_row_per_method_within_budget_and_resumes(tiny, data_dir, tmp_path,
+                                                                    monkeypatch):
+    model, tokenizer = tiny("tiny-llama")
+    bridge = HookBridge(model, tokenizer)
+    split = split_rtp(load_rtp(data_dir), seed=0)
+    direction = torch.nn.functional.normalize(
+        torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0)
+    ours = Edit.from_direction(direction, "subtract", layers=[2], alpha=0.5)
+    calls = {"n": 0}
+    for module in (selection, compare_module):
+        original = module.run_protocol
+
+        def counted(*args, original=original, **kwargs):
+            calls["n"] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, "run_protocol", counted)
+
+    result = compare_edits(bridge, tokenizer, split, TINY, ours=ours, data_dir=data_dir,
+                           folder=tmp_path, progress=False)
+    first_calls = calls["n"]
+    # the sweep: the unedited row, each kind at its default (CAA also at 0.05), ours
+    assert len(result.rows) == len(result.nontoxic_rows) == 1 + len(KINDS) + 1 + 1
+    methods = [row["method"] for row in table_rows(result)]
+    tested = [m for m, row in result.picks.items() if row is not None]
+    assert methods == ["unedited"] + tested and "caa" in tested
+    assert set(result.picks) == set(KINDS) | {OURS}
+    table = format_table(result)
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == \
+        1 + len(methods)
+
+    # each pick by hand: within 1.05x perplexity and 1.10x non-toxic fluency, least toxic
+    nontoxic = {key(r["config"]): r for r in result.nontoxic_rows}
+    base = next(r for r in result.rows if r["method"] == "none")
+    base_fluency = nontoxic[key(base["config"])]["fluency_ppl"]
+
+    def fits(row):
+        return (row["perplexity"] <= 1.05 * base["perplexity"]
+                and nontoxic[key(row["config"])]["fluency_ppl"] <= 1.10 * base_fluency)
+
+    ours_config = json.loads(json.dumps(ours.config, default=str))
+    for method, pick in result.picks.items():
+        own = [r for r in result.rows if r["method"] == "edit" and (
+            r["config"] == ours_config if method == OURS else r["config"]["how"] == method)]
+        assert len(own) == {OURS: 1, "caa": 2}.get(method, 1), method
+        ok = [r for r in own if fits(r)]
+        if pick is None:
+            assert not ok, method
+        else:
+            assert fits(pick) and pick["value"] == min(r["value"] for r in ok), method
+    summary = result.test["caa"]["summary"]
+    assert summary["toxic"]["greedy_toxicity"]["after"]["n"] == 2
+    assert summary["perplexity"]["ratio"] > 0 and "mmlu_accuracy" in summary
+    assert set(result.test["unedited"]["summary"]) == set(summary)
+    assert len(comparison_figure(result).data) >= 2 * len(tested)
+
+    again = compare_edits(bridge, tokenizer, split, TINY, ours=ours, data_dir=data_dir,
+                          folder=tmp_path, progress=False)
+    assert calls["n"] == first_calls  # nothing generated again
+    assert again.settings["test_evaluations"] == 0
+    assert again.rows == result.rows and json.dumps(again.test, sort_keys=True) == json.dumps(
+        result.test, sort_keys=True)
+    assert (tmp_path / "comparison.md").read_text().startswith("| method |")
+
+
+def row(how, strength, value, perplexity, fluency, method="edit"):
+    return {"method": method, "config": {"how": how, "strength": strength}, "value": value,
+            "perplexity": perplexity, "fluency_ppl": fluency}
+
+
+def test_budget_reads_non_toxic_fluency():
+    base = row(None, None, 0.5, 10.0, 20.0, method="none")
+    base["config"] = {}
+    toxic_rows = [base, row("aura", 1.0, 0.1, 10.2, 20.0), row("aura", 0.5, 0.3, 10.1, 20.0),
+                  row("caa", 4.0, 0.05, 12.0, 20.0), row("caa", 1.0, 0.2, 10.0, 40.0)]
+    # on non-toxic prompts aura 1.0 is too disfluent; caa 1.0 is fine
+    nontoxic_rows = [dict(r, fluency_ppl=f) for r, f in zip(
+        toxic_rows, (30.0, 40.0, 31.0, 30.0, 32.0))]
+    merged = with_nontoxic_fluency(toxic_rows, nontoxic_rows)
+    assert [r["fluency_ppl"] for r in merged] == [30.0, 40.0, 31.0, 30.0, 32.0]
+    assert merged[4]["toxic_fluency_ppl"] == 40.0
+    chosen = picks(merged, CompareSettings(kinds=("aura", "caa")))
+    assert chosen["aura"]["config"]["strength"] == 0.5   # 1.0 breaks non-toxic fluency
+    assert chosen["caa"]["config"]["strength"] == 1.0    # 4.0 breaks perplexity
+    strict = picks(merged, CompareSettings(kinds=("aura", "caa"), max_perplexity_ratio=1.0))
+    assert strict["aura"] is None and strict["caa"]["config"]["strength"] == 1.0
+
+
+def test_bad_settings():
+    with pytest.raises(PeerError, match="Unknown detox edit"):
+        CompareSettings(kinds=("rome",))
+    with pytest.raises(CompareError, match="at least one"):
+        CompareSettings(kinds=())
+    with pytest.raises(CompareError, match=">= 0"):
+        CompareSettings(strengths=(("aura", (-1.0,)),))
+    assert CompareSettings().grid("iti_c") == [2.0, 4.0, 8.0]
+    assert CompareSettings(strengths=()).grid("aura") == [1.0]
