@@ -166,6 +166,22 @@ def _digest(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:12]
 
 
+def text_prefix(tokenizer, text: str, window: int, max_windows: int | None,
+                margin: int = 64) -> str:
+    """The start of ``text`` that holds the first ``window * max_windows`` tokens and ``margin``
+    more: the perplexity windows cut from it are those of the whole text (tokenizing all of
+    WikiText-2 for every row would cost seconds each). The whole text when not limited."""
+    if max_windows is None:
+        return text
+    need = window * max_windows + margin
+    end = 0
+    for step in (4, 16, 64):  # characters per token, generously: grow until enough tokens
+        end = min(len(text), need * step)
+        if end == len(text) or len(tokenizer(text[:end])["input_ids"]) > need:
+            break
+    return text[:end] if len(tokenizer(text[:end])["input_ids"]) > need else text
+
+
 # ---------------------------------------------------------------- choosing on validation
 def method_of(row: dict, ours_config: dict | None) -> str:
     """The method a sweep row belongs to: a peer kind, ``ours`` or ``none``."""
@@ -227,6 +243,8 @@ class HeldOutEvaluator:
                           "window": settings.test_window, "windows": settings.test_windows,
                           "mmlu": settings.test_mmlu, "data": str(data_dir)}
         self.evaluations = 0  # how many rows were computed (a resumed run computes none)
+        self.text = text_prefix(tokenizer, load_wikitext2("test", data_dir),
+                                settings.test_window, settings.test_windows)
 
     def identity(self, task: str) -> dict:
         return self._identity
@@ -241,7 +259,7 @@ class HeldOutEvaluator:
         with edit.apply(self.model) if edit is not None else nullcontext():
             lm = as_lm(self.model)
             fields["perplexity"] = perplexity(
-                lm, self.tokenizer, load_wikitext2("test", self.data_dir),
+                lm, self.tokenizer, self.text,
                 window=self.settings.test_window, max_windows=self.settings.test_windows,
                 batch_size=1, progress=False).value
             if self.settings.test_mmlu:
@@ -308,7 +326,8 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
         ours_config = json.loads(json.dumps(ours.config, default=str))
     fast = ProtocolSettings(k=settings.sweep_k, max_new_tokens=settings.max_new_tokens,
                             seed=settings.seed, batch_size=settings.batch_size)
-    text = load_wikitext2("test", data_dir)
+    text = text_prefix(tokenizer, load_wikitext2("test", data_dir), settings.sweep_window,
+                       settings.sweep_windows)
     sweep = dict(settings=fast, scorer=settings.scorer, perplexity_text=text,
                  window=settings.sweep_window, max_windows=settings.sweep_windows,
                  batch_size=settings.batch_size, progress=progress)

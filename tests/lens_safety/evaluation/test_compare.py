@@ -132,3 +132,18 @@ def test_bad_settings():
         CompareSettings(strengths=(("aura", (-1.0,)),))
     assert CompareSettings().grid("iti_c") == [2.0, 4.0, 8.0]
     assert CompareSettings(strengths=()).grid("aura") == [1.0]
+
+
+def test_text_prefix_keeps_the_perplexity_windows(tiny, data_dir):
+    from lens_safety.evaluation.compare import text_prefix
+    from pruning_bridge.evals import perplexity
+    from pruning_bridge.evals.data import load_wikitext2
+
+    model, tokenizer = tiny("tiny-llama")
+    text = load_wikitext2("test", data_dir)
+    prefix = text_prefix(tokenizer, text, 16, 3)
+    assert text.startswith(prefix) and len(prefix) < len(text) // 100
+    full = perplexity(model, tokenizer, text, window=16, max_windows=3, progress=False)
+    short = perplexity(model, tokenizer, prefix, window=16, max_windows=3, progress=False)
+    assert short.value == full.value and short.records == full.records
+    assert text_prefix(tokenizer, text, 16, None) == text
