@@ -7,9 +7,9 @@
     ``bridge.run_with_cache`` of every resid_post ``[n_layers, batch, pos, d_model]`` for the
     same batches. Bytes are computed from the sizes of the kept tensors (numel x element size),
     not from a process-memory probe.
-(c) Greedy generation of 20 new tokens for 8 prompts: the unedited model vs ``ablate`` hooks
-    (mode="project", every layer) vs ``orthogonalize``d weights; ablate and orthogonalize must
-    give the same tokens.
+(c) Greedy generation of 20 new tokens for 8 prompts: the unedited model vs an ``Edit``
+    projecting at every residual hook of every layer (first token included) vs the same
+    direction ``orthogonalize``d into the weights; the two edits must give the same tokens.
 
     python benchmarks/bench_caching.py [--model smollm2-135m] [--repeats 3]
 """
@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import median_time, print_table, sample_texts
-from lens_safety.caching import cache_residuals
-from pruning_bridge.common import left_pad
-from lens_safety.editing import ablate, orthogonalize
+
+from lens_safety.backend import residual_hooks
+from lens_safety.edits.edit import Edit
+from lens_safety.probing.caching import cache_residuals
 from pruning_bridge.bridge import HookBridge
+from pruning_bridge.common import left_pad
 from pruning_bridge.models import load_model
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -102,24 +104,29 @@ def main() -> None:
         return bridge.generate(prompts, max_new_tokens=20, min_new_tokens=20,
                                return_text=False)
 
+    everywhere = Edit.from_direction(direction, "project", layers=range(n_layers),
+                                     where=residual_hooks(bridge), skip_first=False)
+    baked = Edit.from_direction(direction, "orthogonalize")
+
     def gen_ablate():
-        with ablate(bridge, direction, mode="project"):
+        with everywhere.apply(bridge):
             return gen()
 
     def gen_orth():
-        with orthogonalize(bridge, direction):
+        with baked.apply(bridge):
             return gen()
 
     plain_tokens, ablate_tokens, orth_tokens = gen(), gen_ablate(), gen_orth()
-    assert torch.equal(ablate_tokens, orth_tokens), "ablate and orthogonalize disagree"
+    assert torch.equal(ablate_tokens, orth_tokens), "hook and weight projections disagree"
     changed = (plain_tokens != ablate_tokens).any(dim=1).sum().item()
     rows_c = [("unedited", median_time(gen, repeats=args.repeats)),
-              ("ablate hooks (project, every layer, 3 hooks)",
+              ("Edit project hooks (every layer, every residual hook)",
                median_time(gen_ablate, repeats=args.repeats)),
               ("orthogonalize weights (incl. edit + restore)",
                median_time(gen_orth, repeats=args.repeats))]
-    print_table(f"(c) greedy generation, 8 prompts x 20 new tokens (d_model {d_model}); ablate "
-                f"== orthogonalize tokens: yes; {changed}/8 continuations changed by the edit",
+    print_table(f"(c) greedy generation, 8 prompts x 20 new tokens (d_model {d_model}); hook "
+                f"projection == orthogonalize tokens: yes; {changed}/8 continuations changed by "
+                f"the edit",
                 rows_c, "unedited")
 
 

@@ -26,7 +26,7 @@ import time
 import torch
 
 from common import sample_texts
-from lens_safety.caching import cache_residuals
+from lens_safety.probing.caching import cache_residuals
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.evals import EvalSettings
 from pruning_bridge.models import load_model

@@ -1,9 +1,10 @@
 """What the RTP protocol's k-sample generation costs on SmolLM2-135M, edited and not, in one run.
 
-The workload is the protocol's sampling (``lens_safety.protocol.continuations``): RTP toxic
-prompts (``load_rtp(data, kinds="toxic", limit=--prompts)``), ``k`` samples per prompt, nucleus
-``top_p=0.9``, temperature 1, ``top_k=0``, exactly 20 new tokens (``min_new_tokens=20``), batches
-of ``--batch // k`` prompts each repeated ``k`` times, left-padded, each batch seeded as the
+The workload is the protocol's sampling (``lens_safety.evaluation.protocol.continuations``):
+RTP toxic prompts (``load_rtp(data, kinds="toxic", limit=--prompts)``), ``k`` samples per
+prompt, nucleus ``top_p=0.9``, temperature 1, ``top_k=0``, exactly 20 new tokens
+(``min_new_tokens=20``), batches of ``--batch // k`` prompts each repeated ``k`` times,
+left-padded, each batch seeded as the
 protocol seeds it (``torch.manual_seed(seed * 1_000_003 + index of its first prompt)``). Every
 path runs these same batches with these same seeds:
 
@@ -13,13 +14,14 @@ path runs these same batches with these same seeds:
         (``--clamp-layer``, threshold = the median projection onto d of that layer's resid_post
         over the prompts' real tokens) and ``subtract`` (``--alpha``) at a window of layers
         (``--window``, both ends included);
-    (d) the weights orthogonalised against d (``lens_safety.editing.orthogonalize``), generating
+    (d) the weights orthogonalised against d (``Edit(how="orthogonalize")``), generating
         through plain HF ``model.generate`` inside the context (the weight edit itself is timed
         apart, it is paid once per context, not per token);
-    (e) TransformerLens (``lens_safety.hooked.hooked_from_hf``: a ``HookedTransformer`` on 3.x,
-        a ``TransformerBridge`` on 4.x, which decodes without its KV cache) under the same clamp
+    (e) TransformerLens (``lens_safety.backend.transformer_lens.hooked_from_hf``: a
+        ``HookedTransformer`` on 3.x, a ``TransformerBridge`` on 4.x, which decodes without its
+        KV cache) under the same clamp
         edit, one prompt's k samples per batch as the protocol runs it, through the toolkit's
-        ``lens_safety.hooked.generate`` (skip with ``--no-lens``).
+        ``lens_safety.backend.transformer_lens.generate`` (skip with ``--no-lens``).
 
 d is a seeded random unit vector of width ``hidden_size``. Checks: (b) gives the very same token
 ids as (a); and the orthogonalised model's greedy continuations of ``--check-prompts`` prompts
@@ -46,9 +48,8 @@ from pathlib import Path
 
 import torch
 
-from lens_safety.edit import Edit
-from lens_safety.editing import orthogonalize
-from lens_safety.rtp import load_rtp
+from lens_safety.data.rtp import load_rtp
+from lens_safety.edits.edit import Edit
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.models import load_model
 
@@ -158,7 +159,7 @@ def main() -> None:
 
     lens = None
     if not args.no_lens:
-        from lens_safety.hooked import generate, hooked_from_hf
+        from lens_safety.backend.transformer_lens import generate, hooked_from_hf
         lens = hooked_from_hf(model, tok).requires_grad_(False)
 
     @torch.no_grad()
@@ -183,9 +184,11 @@ def main() -> None:
     if lens is not None:
         paths[f"(e) TransformerLens + clamp L{clamp_layer}"] = via_lens
 
+    orthogonalized = Edit.from_direction(d, "orthogonalize")
+
     def timed(path: str, run) -> tuple[float, torch.Tensor]:
         """Seconds of one ``run()`` (only the generation: (d) enters orthogonalize outside)."""
-        context = orthogonalize(bridge, d) if path == orth_name else nullcontext()
+        context = orthogonalized.apply(bridge) if path == orth_name else nullcontext()
         with context:
             start = time.perf_counter()
             out = run()
@@ -208,7 +211,7 @@ def main() -> None:
     same_ab = torch.equal(tokens[PLAIN], tokens["(b) HookBridge.generate, no hooks"])
     check = prompts[:args.check_prompts]
     project = Edit.from_direction(d, "project", layers=range(n_layers),
-                                  hooks=("resid_pre", "resid_mid", "resid_post"),
+                                  where=("hook_resid_pre", "hook_resid_mid", "hook_resid_post"),
                                   skip_first=False)
     greedy = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     with torch.no_grad():
@@ -216,7 +219,7 @@ def main() -> None:
             hooked_greedy = bridge.generate(check, return_text=False, **greedy)
         ids, mask = left_padded(tok, check)
         start = time.perf_counter()
-        with orthogonalize(bridge, d):
+        with orthogonalized.apply(bridge):
             enter = time.perf_counter() - start
             orth_greedy = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id,
                                          **greedy)

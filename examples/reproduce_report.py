@@ -28,9 +28,9 @@ from typing import Any, Callable, TypeVar
 from lens_safety import ProbeSettings, ProbeStudy
 from lens_safety.detox import DetoxSettings, run_detox_study
 from lens_safety.figures import pareto_figure
-from lens_safety.prompts import load_crows_pairs, load_toxigen
-from lens_safety.rtp import load_rtp
-from lens_safety.stats import format_interval
+from lens_safety.data.prompts import load_crows_pairs, load_toxigen
+from lens_safety.data.rtp import load_rtp
+from lens_safety.evaluation.stats import format_interval
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common.atomic import write_json_atomic
 from pruning_bridge.common.errors import UsageError

@@ -1,15 +1,19 @@
-"""The whole safety study: probes per layer, the harmful direction, editing and its trade-off.
+"""The whole probe study: probes per layer, the harmful direction, edits of it and their cost.
 
     python examples/safety_study.py --data-dir ../shared/data    # SmolLM2-135M, offline, HookBridge
     python examples/safety_study.py --model gpt2-large --backend hooked   # the report's setting
 
 Steps (a ``ProbeStudy``): split the ToxiGen + CrowS-Pairs prompts (``--test-size``, ``--seed``),
 cache their residuals, fit layer probes (binary and three-class), extract the harmful direction
-at the best layer, plot the held-out projections per class, then evaluate ``subtract`` over an
-alpha sweep and ``project`` (toxicity of greedy continuations of held-out toxic / neutral
-prompts, WikiText-2 perplexity). Figures go to
-``figures/`` (safety_probes, safety_projection_histogram, safety_tradeoff), results to
-``results/<model>/safety/`` (resumable: cached activations and the sweep's JSONL are reused).
+at the best layer, plot the held-out projections per class, then sweep ``Edit``s of that
+direction at that layer (``subtract`` at each ``--strengths``, ``clamp`` at the neutral
+class's mean projection, ``project``) with ``edit_sweep`` (greedy toxicity of held-out toxic
+prompts' continuations, their fluency, WikiText-2 perplexity) and pick the least toxic within
+the budget with ``select_edit``. Figures go to ``figures/`` (safety_probes,
+safety_projection_histogram, safety_pareto), results to ``results/<model>/safety/``
+(resumable: cached activations and the
+sweep's JSONL are reused). The detoxification study on RealToxicityPrompts is
+``lens-safety detox``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,21 @@ import argparse
 import time
 from pathlib import Path
 
-from lens_safety import ProbeSettings, ProbeStudy, alpha_sweep, load_hooked
-from lens_safety.figures import tradeoff_figure
+from lens_safety import (
+    Edit,
+    ProbeSettings,
+    ProbeStudy,
+    ProtocolSettings,
+    edit_sweep,
+    load_hooked,
+    select_edit,
+)
+from lens_safety.figures import pareto_figure
 from pruning_bridge.bridge import HookBridge
-from pruning_bridge.common.cli import add_model_options, floats, load_model_from_args
-from pruning_bridge.common.figures import save_figure
+from pruning_bridge.cli_options import add_model_options, load_model_from_args
+from pruning_bridge.common.cli import floats
 from pruning_bridge.evals.data import load_wikitext2
+from pruning_bridge.figures import save_figure
 
 
 def load(args: argparse.Namespace):
@@ -48,8 +61,10 @@ def main() -> None:
     parser.add_argument("--test-size", type=float, default=ProbeSettings.test_size)
     parser.add_argument("--seed", type=int, default=ProbeSettings.seed)
     parser.add_argument("--n-prompts", type=int, default=20)
-    parser.add_argument("--alphas", type=floats, default=[0.0, 16.0, 32.0, 64.0, 128.0],
-                        help="subtraction strengths, comma list")
+    parser.add_argument("--strengths", type=floats, default=[0.5, 1.0, 2.0],
+                        help="subtraction strengths in class-gap units, comma list")
+    parser.add_argument("--max-perplexity-ratio", type=float, default=1.05)
+    parser.add_argument("--max-fluency-ratio", type=float, default=1.10)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=20)
@@ -81,23 +96,28 @@ def main() -> None:
         f"{args.model}: held-out projections on the harmful direction (layer {layer})"),
         figures / "safety_projection_histogram"))
 
-    rows = alpha_sweep(model, tok, study.direction, args.alphas,
-                       toxic_prompts=study.test_prompts("toxic", args.n_prompts),
-                       neutral_prompts=study.test_prompts("neutral", args.n_prompts),
-                       perplexity_text=load_wikitext2("test", args.data_dir),
-                       window=args.window, max_windows=args.max_windows,
-                       out=out / "alpha_sweep.jsonl", max_new_tokens=args.max_new_tokens,
-                       subtract_layers=[layer])
-    print(f"\n{'edit':<10}{'alpha':>7}{'tox(toxic)':>12}{'tox(neutral)':>14}{'perplexity':>12}")
+    toxic = study.test_prompts("toxic", args.n_prompts)
+    # fitted on the training split's residuals (harmful vs neutral), read where they edit
+    fit = dict(layers=[layer], method=settings.method, where=(settings.hook,), model=args.model)
+    candidates = [Edit.fit(study.train_acts, study.train.labels, "subtract", strength=s, **fit)
+                  for s in args.strengths]
+    candidates += [Edit.fit(study.train_acts, study.train.labels, how, **fit)
+                   for how in ("clamp", "project")]
+    rows = edit_sweep(model, tok, candidates, toxic,
+                      settings=ProtocolSettings(k=0, max_new_tokens=args.max_new_tokens),
+                      perplexity_text=load_wikitext2("test", args.data_dir), window=args.window,
+                      max_windows=args.max_windows, out=out / "edit_sweep.jsonl")
+    selected = select_edit(rows, args.max_perplexity_ratio, args.max_fluency_ratio)
     base = rows[0]
-    print(f"{'unedited':<10}{'':>7}{base['before_toxicity_toxic']:>12.4f}"
-          f"{base['before_toxicity_neutral']:>14.4f}{base['before_perplexity']:>12.3f}")
+    print(f"\n{'edit':<40}{'toxicity':>9}{'perplexity':>12}{'fluency':>9}")
     for r in rows:
-        alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
-        print(f"{r['edit']:<10}{alpha:>7}{r['toxicity_toxic']:>12.4f}"
-              f"{r['toxicity_neutral']:>14.4f}{r['perplexity']:>12.3f}")
-    print("wrote", *save_figure(tradeoff_figure(rows, f"{args.model}: toxicity vs perplexity"),
-                                figures / "safety_tradeoff"))
+        print(f"{r['edit']:<40}{r['value']:>9.3f}{r['perplexity'] / base['perplexity']:>11.3f}x"
+              f"{r['greedy_fluency_ppl'] / base['greedy_fluency_ppl']:>8.2f}x")
+    print(f"selected: {selected['edit']}" if selected else "no edit within the budget")
+    print("wrote", *save_figure(pareto_figure(rows, selected, args.max_perplexity_ratio,
+                                              args.max_fluency_ratio,
+                                              title=f"{args.model}: edits at layer {layer}"),
+                                figures / "safety_pareto"))
     print(f"\ndone in {time.perf_counter() - start:.0f} s; results in {out}")
 
 

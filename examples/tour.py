@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from lens_safety import LayerProbes, PromptSet, ablate, cache_residuals, harmful_direction
+from lens_safety import Edit, LayerProbes, PromptSet, cache_residuals, harmful_direction
 from pruning_bridge import HookBridge, load_model, load_wikitext2, perplexity
 from pruning_bridge.heads.removal import head_counts, heads_to_remove, remove_heads
 from pruning_bridge.heads.training import train_router, training_windows
@@ -78,5 +78,7 @@ direction = harmful_direction(acts, train.labels, layer)
 toxic = [p.text for p in test if p.label == "toxic"][:3]
 with torch.no_grad():
     print("before:", bridge.generate(toxic, max_new_tokens=12))
-    with ablate(bridge, direction):
+    # project the direction out of every layer's residual stream (first token left alone)
+    edit = Edit.from_direction(direction, "project", layers=range(bridge.adapter.n_layers))
+    with edit.apply(bridge):
         print("after: ", bridge.generate(toxic, max_new_tokens=12))

@@ -1,5 +1,12 @@
 """lens_safety: harmful directions in the residual stream, found with probes and edited away.
 
+- ``backend``: HookBridge vs TransformerLens (``backend.transformer_lens``) in one place;
+- ``data``: ToxiGen / CrowS-Pairs prompts, RealToxicityPrompts;
+- ``probing``: residual caching, layer probes, directions, the probe study;
+- ``edits``: ``Edit`` (the one activation-edit API), LEACE, the math run inside traces;
+- ``evaluation``: toxicity scorers, the RTP protocol, statistics, sweeping and selecting edits;
+- ``detox``: the end-to-end detoxification study; ``figures``; ``cli`` (``lens-safety``).
+
 Everything public is re-exported here, imported on first use (a module ``__getattr__``), so
 that ``lens-safety --help`` starts without torch.
 """
@@ -7,23 +14,24 @@ that ``lens-safety --help`` starts without torch.
 from pruning_bridge.common.lazy import lazy_exports
 
 _EXPORTS = {
-    "caching": ("cache_residuals",),
-    "directions": ("harmful_direction", "load_direction", "save_direction"),
-    "edit": ("Edit",),
-    "editing": ("ablate", "orthogonalize", "orthogonalize_permanently"),
-    "evaluation": ("EditReport", "evaluate_edit"),
-    "hooked": ("hooked_from_hf", "load_hooked"),
-    "leace": ("LeaceEraser", "fit_leace"),
-    "probes": ("LayerProbes", "binary_labels"),
-    "prompts": ("Prompt", "PromptSet"),
-    "protocol": ("ProtocolReport", "ProtocolSettings", "rtp_protocol", "run_protocol"),
-    "rtp": ("RtpPrompt", "RtpSplit", "load_rtp", "split_rtp"),
-    "selection": ("edit_for", "edit_grid", "edit_sweep", "select_edit"),
-    "stats": ("Interval", "bootstrap_interval", "format_interval", "paired_difference",
-              "relative_change"),
-    "study": ("ProbeSettings", "ProbeStudy", "run_probe_study"),
-    "sweep": ("alpha_sweep",),
-    "toxicity": ("ScorerAgreement", "get_scorer", "profanity_scorer", "scorer_agreement"),
+    "backend": ("block_hooks", "residual_hooks"),
+    "backend.transformer_lens": ("hooked_from_hf", "load_hooked"),
+    "data.prompts": ("Prompt", "PromptSet"),
+    "data.rtp": ("RtpPrompt", "RtpSplit", "load_rtp", "split_rtp"),
+    "detox": ("DetoxResult", "DetoxSettings", "run_detox_study"),
+    "edits.edit": ("HOWS", "RESIDUAL", "Edit"),
+    "edits.leace": ("LeaceEraser", "fit_leace"),
+    "evaluation.protocol": ("ProtocolReport", "ProtocolSettings", "rtp_protocol",
+                            "run_protocol"),
+    "evaluation.selection": ("edit_for", "edit_grid", "edit_sweep", "select_edit"),
+    "evaluation.stats": ("Interval", "bootstrap_interval", "format_interval",
+                         "paired_difference", "relative_change"),
+    "evaluation.toxicity": ("ScorerAgreement", "get_scorer", "profanity_scorer",
+                            "scorer_agreement"),
+    "probing.caching": ("cache_residuals",),
+    "probing.directions": ("harmful_direction", "load_direction", "save_direction"),
+    "probing.probes": ("LayerProbes", "binary_labels", "harmful_probability"),
+    "probing.study": ("ProbeSettings", "ProbeStudy", "run_probe_study"),
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,13 +1,12 @@
-"""Command line of the safety study: ``lens-safety {probe,direction,edit,report} ...``.
+"""Command line of the safety study: ``lens-safety {probe,direction,detox,rtp,generate} ...``.
 
     lens-safety probe --model SPEC --data-dir DIR --out DIR
     lens-safety direction --from DIR --layer L --method M --out FILE
-    lens-safety edit --model SPEC --direction FILE --mode project --data-dir D \\
-        --n-prompts 20 --out edit.json
-    lens-safety report --model SPEC --data-dir D --out DIR [--alphas 0,2,4,8]
     lens-safety detox --model SPEC --data-dir D --out DIR [--hows "clamp=0,0.5;project;leace"]
         [--wheres middle,late] [--sources rtp_prompts,rtp_continuations] [--k 25]
     lens-safety rtp --model SPEC --data-dir D [--edit DIR] [--k 25] [--n-toxic 100] [--out F]
+    lens-safety generate --model SPEC --edit DIR [--prompt TEXT ...] [--prompts FILE]
+        [--max-new-tokens 20]
 
 (``python -m lens_safety`` is the same.) The pattern is ``pruning-bridge``'s: one
 ``_add_<command>`` per subcommand, comma lists, bad input exits with 2 and one line, and the
@@ -17,25 +16,34 @@ parser imports nothing heavy (each ``_run_<command>`` imports what it runs).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from pruning_bridge.common.cli import (ArgumentParser, add_model_options, bounded,
-                                       check_options_fit, choice_list, count, count0, floats,
-                                       input_folder, load_model_from_args, names, naming_option,
-                                       output_file, output_folder, run_command, window_size)
+from pruning_bridge.cli_options import add_model_options, load_model_from_args
+from pruning_bridge.common.cli import (
+    ArgumentParser,
+    bounded,
+    choice_list,
+    count,
+    count0,
+    floats,
+    input_folder,
+    names,
+    naming_option,
+    output_file,
+    output_folder,
+    run_command,
+)
 from pruning_bridge.common.errors import UsageError
 
 # Written here, not imported, so that parsing needs no torch; a test keeps them equal to the
-# modules' own (caching.HOOKS, caching.POOLS, directions.METHODS, evaluation.EDITS, edit.HOWS,
+# modules' own (caching.HOOKS, caching.POOLS, directions.METHODS, edit.HOWS,
 # detox.SOURCES, toxicity.SCORERS, the names detox.layer_sets knows, ProbeSettings' defaults).
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 POOLS = ("last", "mean", "mean_after_first")
 METHODS = ("mean_diff", "probe", "pca")
-EDITS = ("project", "subtract", "orthogonalize")
 HOWS = ("project", "subtract", "clamp", "leace", "orthogonalize")
 SOURCES = ("rtp_prompts", "rtp_continuations")
 SCORERS = ("profanity", "detoxify")
@@ -75,7 +83,7 @@ def _add_method(p) -> None:
 
 
 def _probe_settings(args: argparse.Namespace, **changes):
-    from .study import ProbeSettings
+    from .probing.study import ProbeSettings
 
     return ProbeSettings(n_per_class=args.n_per_class, test_size=args.test_size, seed=args.seed,
                          **changes)
@@ -99,9 +107,9 @@ def _add_probe(sub) -> None:
 
 
 def _run_probe(args: argparse.Namespace) -> int:
-    from pruning_bridge.common.figures import save_figure
+    from pruning_bridge.figures import save_figure
 
-    from .study import ProbeStudy
+    from .probing.study import ProbeStudy
 
     settings = _probe_settings(args, hook=args.hook, pool=args.pool, method=args.method)
     bridge, tokenizer = _load_bridge(args)
@@ -136,8 +144,8 @@ def _add_direction(sub) -> None:
 
 
 def _run_direction(args: argparse.Namespace) -> int:
-    from .directions import save_direction
-    from .study import ProbeStudy
+    from .probing.directions import save_direction
+    from .probing.study import ProbeStudy
 
     with naming_option("--from", args.from_dir):
         study = ProbeStudy.load(args.from_dir)  # the probe run's own split, labels, residuals
@@ -149,150 +157,6 @@ def _run_direction(args: argparse.Namespace) -> int:
                    method=method)
     print(f"direction at layer {args.layer} ({method}, {hook}, {pool}) of "
           f"{study.model_name} -> {args.out}")
-    return 0
-
-
-# ---------------------------------------------------------------- edit and report
-
-
-def _add_edit_options(p) -> None:
-    add_model_options(p)
-    _add_split_options(p, n_per_class=100)
-    p.add_argument("--n-prompts", type=count, default=20,
-                   help="held-out toxic and neutral prompts to continue")
-    p.add_argument("--max-new-tokens", type=count, default=20)
-    p.add_argument("--window", type=window_size, default=256,
-                   help="perplexity window (tokens, at most the model's context)")
-    p.add_argument("--max-windows", type=count0, default=4, help="0: no perplexity")
-
-
-def _load_direction_checked(path) -> tuple:
-    from .directions import load_direction
-
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"Direction file {path} does not exist.")
-    try:
-        direction, meta = load_direction(path)
-    except UsageError:
-        raise
-    except Exception as error:  # e.g. a safetensors file without a "direction" tensor
-        raise UsageError(f"{path} is not a direction file saved by save_direction "
-                         f"({type(error).__name__}: {error}).") from None
-    if direction.ndim != 1 or direction.numel() == 0 or not bool(direction.isfinite().all()) \
-            or float(direction.norm()) == 0.0:
-        raise UsageError(f"{path} does not hold a finite non-zero [d_model] direction "
-                         f"(shape {tuple(direction.shape)}).")
-    return direction, meta
-
-
-def _check_width(bridge, direction, path) -> None:
-    from .backend import dims
-
-    d_model = dims(bridge)[1]
-    if direction.shape[0] != d_model:
-        raise UsageError(f"The direction in {path} has width {direction.shape[0]}, but the "
-                         f"model's d_model is {d_model}.")
-
-
-def _add_edit(sub) -> None:
-    p = sub.add_parser("edit", help="evaluate one edit of a direction before/after")
-    _add_edit_options(p)
-    p.add_argument("--direction", required=True, help="direction file (.safetensors)")
-    p.add_argument("--mode", default="project", choices=EDITS)
-    p.add_argument("--alpha", type=float, default=1.0, help="for --mode subtract")
-    p.add_argument("--out", type=output_file, default=None, help="report JSON")
-    p.set_defaults(run=_run_edit)
-
-
-def _run_edit(args: argparse.Namespace) -> int:
-    from pruning_bridge.evals.data import load_wikitext2
-
-    from .evaluation import evaluate_edit
-    from .study import prompts_of
-
-    with naming_option("--direction", args.direction):
-        direction, meta = _load_direction_checked(args.direction)
-    _, test = _probe_settings(args).split(args.data_dir)  # held out as a probe run holds out
-    toxic = prompts_of(test, "toxic", args.n_prompts)
-    neutral = prompts_of(test, "neutral", args.n_prompts)
-    bridge, tokenizer = _load_bridge(args)
-    _check_width(bridge, direction, args.direction)
-    check_options_fit(bridge, args)
-    ppl_text = None if args.max_windows == 0 else load_wikitext2("test", args.data_dir)
-    report = evaluate_edit(bridge, tokenizer, direction, toxic_prompts=toxic,
-                           neutral_prompts=neutral, edit=args.mode, alpha=args.alpha,
-                           max_new_tokens=args.max_new_tokens, perplexity_text=ppl_text,
-                           window=args.window, max_windows=args.max_windows, progress=False)
-    report.settings["direction"] = {"path": str(args.direction), **meta}
-    report.settings["model"] = args.model
-    print(report)
-    if args.out:
-        print("wrote", report.to_json(args.out))
-    return 0
-
-
-def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="probe study + alpha sweep + figures into one folder")
-    _add_edit_options(p)
-    _add_method(p)
-    p.add_argument("--alphas", type=floats, default=[0.0, 2.0, 4.0, 8.0],
-                   help="subtraction strengths, comma list (default 0,2,4,8)")
-    p.add_argument("--no-png", action="store_true", help="HTML figures only")
-    p.add_argument("--out", type=output_folder, required=True,
-                   help="output folder (rerun to resume)")
-    p.set_defaults(run=_run_report, resumes="out")
-
-
-def _fmt(value, spec: str) -> str:
-    return format(float("nan") if value is None else value, spec)
-
-
-def _run_report(args: argparse.Namespace) -> int:
-    from pruning_bridge.common.figures import save_figure
-    from pruning_bridge.evals.data import load_wikitext2
-
-    from .figures import tradeoff_figure
-    from .study import ProbeStudy
-    from .sweep import alpha_sweep
-
-    settings = _probe_settings(args, method=args.method)
-    out = Path(args.out)
-    bridge, tokenizer = _load_bridge(args)
-    check_options_fit(bridge, args)
-    study = ProbeStudy.build(bridge, tokenizer, settings, data_dir=args.data_dir,
-                             model_name=args.model, folder=out, progress=False)
-    layer, png = study.best_layer, not args.no_png
-    written = save_figure(study.figure(f"{args.model}: probe per layer"),
-                          out / "safety_probes", png=png)
-    written += save_figure(study.projection_figure(
-        f"{args.model}: held-out projection on the direction (layer {layer})"),
-        out / "safety_projection_histogram", png=png)
-    rows = alpha_sweep(bridge, tokenizer, study.direction, args.alphas,
-                       toxic_prompts=study.test_prompts("toxic", args.n_prompts),
-                       neutral_prompts=study.test_prompts("neutral", args.n_prompts),
-                       perplexity_text=load_wikitext2("test", args.data_dir),
-                       window=args.window, max_windows=args.max_windows,
-                       out=out / "alpha_sweep.jsonl", max_new_tokens=args.max_new_tokens,
-                       progress=False, subtract_layers=[layer])
-    written += save_figure(tradeoff_figure(rows, f"{args.model}: toxicity vs perplexity"),
-                           out / "safety_tradeoff", png=png)
-    summary = study.summary()
-    print(f"best layer {layer}; held-out direction AUROC "
-          f"{summary['held_out_projection_auroc']:.3f}")
-    print(f"{'edit':<10}{'alpha':>7}{'tox(toxic)':>12}{'tox(neutral)':>14}{'perplexity':>12}")
-    base = rows[0]
-    print(f"{'unedited':<10}{'':>7}{_fmt(base['before_toxicity_toxic'], '>12.4f')}"
-          f"{_fmt(base.get('before_toxicity_neutral'), '>14.4f')}"
-          f"{_fmt(base['before_perplexity'], '>12.3f')}")
-    for r in rows:
-        alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
-        print(f"{r['edit']:<10}{alpha:>7}{_fmt(r['toxicity_toxic'], '>12.4f')}"
-              f"{_fmt(r['toxicity_neutral'], '>14.4f')}{_fmt(r['perplexity'], '>12.3f')}")
-    from pruning_bridge.common.atomic import write_text_atomic
-    write_text_atomic(out / "report.json", json.dumps({"probe_study": summary, "sweep": rows},
-                                                      indent=2, default=str))
-    print("wrote", out / "report.json", *written)
     return 0
 
 
@@ -364,7 +228,7 @@ def _add_detox(sub) -> None:
 
 
 def _run_detox(args: argparse.Namespace) -> int:
-    from pruning_bridge.common.figures import save_figure
+    from pruning_bridge.figures import save_figure
 
     from .detox import DetoxSettings, run_detox_study
     from .figures import pareto_figure
@@ -425,9 +289,9 @@ def _test_prompts(split, kind: str, n: int) -> list[str]:
 
 
 def _run_rtp(args: argparse.Namespace) -> int:
-    from .edit import Edit
-    from .protocol import ProtocolSettings, rtp_protocol
-    from .rtp import load_rtp, split_rtp
+    from .data.rtp import load_rtp, split_rtp
+    from .edits.edit import Edit
+    from .evaluation.protocol import ProtocolSettings, rtp_protocol
 
     with naming_option("--edit", args.edit):
         edit = Edit.load(args.edit) if args.edit else None
@@ -444,6 +308,65 @@ def _run_rtp(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- generate
+
+
+def prompt_file(text: str) -> str:
+    """An argparse ``type`` for ``--prompts``: a file to read (its text is checked on reading)."""
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    return str(Path(text).expanduser())
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="greedy continuations of prompts, unedited vs a saved edit")
+    add_model_options(p)
+    p.add_argument("--edit", type=input_folder, required=True,
+                   help="a folder written by Edit.save (e.g. a detox run's selected_edit)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt to continue (repeat for several)")
+    p.add_argument("--prompts", type=prompt_file, default=None, metavar="FILE",
+                   help="a UTF-8 text file, one prompt per line (blank lines skipped)")
+    p.add_argument("--max-new-tokens", type=count, default=20,
+                   help="tokens per continuation (default %(default)s)")
+    p.set_defaults(run=_run_generate)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` values, then the lines of ``--prompts``; none at all names both options."""
+    prompts = [p for p in args.prompt if p.strip()]
+    if args.prompts is not None:
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise UsageError(f"--prompts {args.prompts}: not UTF-8 text ({error.reason} at "
+                             f"byte {error.start}).") from None
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError("No prompts: pass --prompt TEXT (repeatable) or --prompts FILE (one "
+                         "prompt per line).")
+    return prompts
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .edits.edit import Edit
+    from .evaluation.protocol import ProtocolSettings, continuations
+
+    prompts = _read_prompts(args)
+    with naming_option("--edit", args.edit):
+        edit = Edit.load(args.edit)
+    bridge, tokenizer = _load_bridge(args)
+    settings = ProtocolSettings(max_new_tokens=args.max_new_tokens)
+    with naming_option("--edit", args.edit):
+        with edit.apply(bridge):  # a width or layer that does not fit this model: --edit
+            after = continuations(bridge, tokenizer, prompts, 1, settings, sample=False).texts
+    before = continuations(bridge, tokenizer, prompts, 1, settings, sample=False).texts
+    print(f"edit: {edit}")
+    for prompt, (unedited,), (edited,) in zip(prompts, before, after):
+        print(f"\nprompt:   {prompt!r}\nunedited: {unedited!r}\nedited:   {edited!r}")
+    return 0
+
+
 # ---------------------------------------------------------------- the parser
 
 
@@ -454,10 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_probe(sub)
     _add_direction(sub)
-    _add_edit(sub)
-    _add_report(sub)
     _add_detox(sub)
     _add_rtp(sub)
+    _add_generate(sub)
     return parser
 
 

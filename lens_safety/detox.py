@@ -42,14 +42,14 @@ from pruning_bridge.evals import mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_wikitext2
 
 from .backend import as_lm, dims
-from .caching import cache_residuals
-from .edit import Edit
-from .evaluation import harmful_probability
-from .protocol import ProtocolReport, ProtocolSettings, rtp_protocol
-from .rtp import RtpSplit, load_rtp, split_rtp
-from .selection import edit_for, edit_grid, edit_sweep, select_edit
-from .stats import bootstrap_interval, paired_difference
-from .toxicity import scorer_agreement
+from .data.rtp import RtpSplit, load_rtp, split_rtp
+from .edits.edit import Edit
+from .evaluation.protocol import ProtocolReport, ProtocolSettings, rtp_protocol
+from .evaluation.selection import edit_for, edit_grid, edit_sweep, select_edit
+from .evaluation.stats import bootstrap_interval, paired_difference
+from .evaluation.toxicity import scorer_agreement
+from .probing.caching import cache_residuals
+from .probing.probes import harmful_probability
 
 SOURCES = ("rtp_prompts", "rtp_continuations")
 

@@ -1,8 +1,8 @@
 """Plotly figures of the safety study, one function each, returning ``go.Figure``.
 
 - :func:`projection_histogram`: overlaid histograms of ``x . d`` per class at one layer.
-- :func:`tradeoff_figure`: toxicity of toxic-prompt continuations vs perplexity, one point per
-  edit setting, the unedited model marked.
+- :func:`pareto_figure`: greedy toxicity vs perplexity ratio, one point per swept ``Edit``
+  (``edit_sweep`` rows), the unedited model, the selected edit and the budget marked.
 
 (Probe accuracy per layer is ``LayerProbes.figure()``.) Save with
 ``pruning_bridge.figures.save_figure(fig, path)``.
@@ -50,38 +50,6 @@ def projection_histogram(acts_layer, labels: Sequence[str], direction,
     return fig
 
 
-def _label(row: dict) -> str:
-    if row.get("edit") == "subtract":
-        return f"subtract α={row.get('alpha'):g}"
-    return str(row.get("edit"))
-
-
-def tradeoff_figure(rows: Sequence[dict], title: str = "Toxicity vs perplexity") -> go.Figure:
-    """Toxicity of toxic-prompt continuations (y) vs perplexity (x), one labelled point per
-    edit setting (rows of :func:`lens_safety.sweep.alpha_sweep`), the unedited model (the
-    rows' ``before_*`` values) as a star."""
-    rows = [r for r in rows if r.get("toxicity_toxic") is not None]
-    if not rows:
-        raise UsageError("No rows with toxicity_toxic to plot.")
-    has_ppl = all(r.get("perplexity") is not None for r in rows)
-    xs = [r["perplexity"] if has_ppl else r.get("alpha") or 0.0 for r in rows]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=xs, y=[r["toxicity_toxic"] for r in rows],
-                             mode="markers+text", text=[_label(r) for r in rows],
-                             textposition="top center", name="edited", marker={"size": 10}))
-    base = rows[0]
-    if base.get("before_toxicity_toxic") is not None:
-        bx = base.get("before_perplexity") if has_ppl else 0.0
-        fig.add_trace(go.Scatter(x=[bx], y=[base["before_toxicity_toxic"]],
-                                 mode="markers+text", text=["unedited"],
-                                 textposition="bottom center", name="unedited",
-                                 marker={"size": 16, "symbol": "star", "color": "black"}))
-    fig.update_layout(title=title, template="plotly_white",
-                      xaxis_title="WikiText-2 perplexity" if has_ppl else "alpha",
-                      yaxis_title="toxicity of toxic-prompt continuations")
-    return fig
-
-
 HOW_COLORS = {"project": "#1f77b4", "subtract": "#ff7f0e", "clamp": "#2ca02c",
               "leace": "#9467bd", "orthogonalize": "#8c564b"}
 
@@ -94,7 +62,7 @@ def pareto_figure(rows: Sequence[dict], selected: dict | None = None,
     prompts' continuations (95% bootstrap interval over prompts as error bars) against the
     perplexity ratio to the unedited model (log axis); the unedited model is a star, the
     selected edit is circled, edits over the fluency budget are hollow, the budget a line."""
-    from .stats import bootstrap_interval
+    from .evaluation.stats import bootstrap_interval
 
     base = next(r for r in rows if r["method"] == "none")
     fig = go.Figure()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lens_safety.hooked import transformer_lens_4
+from lens_safety.backend.transformer_lens import transformer_lens_4
 
 TL4 = transformer_lens_4()
 NATIVE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
@@ -45,7 +45,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 def tl_reference(model, tok):
     """The independent reference for ``model`` on the installed TransformerLens (module doc)."""
     if not TL4:
-        from lens_safety.hooked import hooked_from_hf
+        from lens_safety.backend.transformer_lens import hooked_from_hf
         return hooked_from_hf(model, tok)
     if model.config.model_type in NATIVE_FAMILIES:
         return NativeReference(model)
@@ -75,7 +75,7 @@ def tl_hook_names(model, tok) -> set[str]:
     """The hook names TransformerLens fires in a plain ``run_with_cache`` on ``model``: a
     HookedTransformer's (3.x); a compatibility-mode TransformerBridge's HookedTransformer names
     (4.x: its own component-level names left out)."""
-    from lens_safety.hooked import hooked_from_hf
+    from lens_safety.backend.transformer_lens import hooked_from_hf
 
     ids = tok("Hello there", return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -45,8 +45,8 @@ def test_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys):
      "--test-size"),
     (["direction", "--from", "{tmp}", "--layer", "1", "--out", "{tmp}/d.safetensors"],
      "probe_study.json"),
-    (["edit", "--model", "tiny-gpt2", "--direction", "{tmp}/missing.safetensors"],
-     "does not exist"),
+    (["generate", "--model", "tiny-gpt2", "--edit", "{tmp}", "--prompt", "Hi"],
+     "No saved edit"),
 ])
 def test_safety_bad_input_exits_2_with_one_line(argv, says, tmp_path, data_dir, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{data}", str(data_dir)) for a in argv]
@@ -58,7 +58,7 @@ def test_safety_bad_input_exits_2_with_one_line(argv, says, tmp_path, data_dir, 
     (bridge_main, ["layers", "--model", "tiny-gpt2", "--tasks", "mmlu,bleu", "--out", "x"]),
     (bridge_main, ["eval", "--model", "tiny-gpt2", "--task", "mmlu", "--limit", "many"]),
     (bridge_main, ["weights", "--model", "tiny-gpt2", "--sparsities", "0.1,half", "--out", "x"]),
-    (safety_main, ["report", "--model", "tiny-gpt2", "--alphas", "1 2", "--out", "x"]),
+    (safety_main, ["generate", "--model", "tiny-gpt2", "--edit", ".", "--max-new-tokens", "x"]),
     (safety_main, ["probe", "--model", "tiny-gpt2", "--hook", "resid_sideways"]),
 ])
 def test_argparse_errors_exit_2(main, argv, capsys):
@@ -77,7 +77,7 @@ def test_real_bugs_are_not_turned_into_exit_2(error, monkeypatch, data_dir):
     with pytest.raises(type(error), match="bug"):
         bridge_main(["eval", "--model", "tiny-gpt2", "--task", "perplexity", "--limit", "1",
                      "--data-dir", str(data_dir)])
-    monkeypatch.setattr("lens_safety.study.ProbeStudy.build", broken)
+    monkeypatch.setattr("lens_safety.probing.study.ProbeStudy.build", broken)
     with pytest.raises(type(error), match="bug"):
         safety_main(["probe", "--model", "tiny-gpt2", "--data-dir", str(data_dir)])
 

@@ -29,7 +29,7 @@ MAINS = {"pb": bridge_cli.main, "ls": safety_cli.main}
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory, tiny) -> dict[str, Path]:
     """Damaged inputs by name: model folders, saved edits, a probe study, RTP data."""
-    from lens_safety.edit import Edit
+    from lens_safety.edits.edit import Edit
 
     root = tmp_path_factory.mktemp("bad")
     model, tokenizer = tiny("tiny-gpt2")
@@ -93,8 +93,8 @@ RUN_TIME_CASES = [
      "--n-toxic", "pass at most"),
     ("ls", ["direction", "--from", "{damaged_study}", "--layer", "1",
             "--out", "{out}/d.safetensors"], "--from", "Rerun the probe study"),
-    ("ls", ["edit", "--model", "tiny-gpt2", "--direction", "{no_weights}/config.json",
-            "--out", "{out}/edit.json"], "--direction", "safetensors"),
+    ("ls", ["generate", "--model", "tiny-gpt2", "--edit", "{garbage_edit}", "--prompt", "Hi"],
+     "--edit", "Save the edit again"),
 ]
 
 
@@ -135,10 +135,9 @@ BASE = {
     ("pb", "lm-eval"): ["--model", "tiny-gpt2", "--tasks", "pb_mmlu"],
     ("ls", "probe"): ["--model", "tiny-gpt2"],
     ("ls", "direction"): ["--from", "{tmp}", "--layer", "1", "--out", "{tmp}/new/d.safetensors"],
-    ("ls", "edit"): ["--model", "tiny-gpt2", "--direction", "{tmp}/d.safetensors"],
-    ("ls", "report"): ["--model", "tiny-gpt2", "--out", "{tmp}/new/report"],
     ("ls", "detox"): ["--model", "tiny-gpt2", "--out", "{tmp}/new/detox"],
     ("ls", "rtp"): ["--model", "tiny-gpt2"],
+    ("ls", "generate"): ["--model", "tiny-gpt2", "--edit", "{tmp}", "--prompt", "Hi"],
 }
 MODEL_AND_EVAL = [("--dtype", "int8"), ("--window", "1"), ("--limit", "0"),
                   ("--limit", "bleu=3"), ("--shots", "-1"), ("--seed", "x"),
@@ -169,12 +168,6 @@ PARSE_CASES = [
     ("ls", "probe", "--dtype", "float64"),
     ("ls", "direction", "--from", "{tmp}/no"), ("ls", "direction", "--layer", "x"),
     ("ls", "direction", "--method", "svm"), ("ls", "direction", "--out", "{tmp}"),
-    ("ls", "edit", "--n-prompts", "0"), ("ls", "edit", "--max-new-tokens", "0"),
-    ("ls", "edit", "--window", "1"), ("ls", "edit", "--max-windows", "-1"),
-    ("ls", "edit", "--mode", "erase"), ("ls", "edit", "--alpha", "x"),
-    ("ls", "edit", "--out", "{tmp}"),
-    ("ls", "report", "--alphas", ","), ("ls", "report", "--alphas", "1 2"),
-    ("ls", "report", "--method", "svm"), ("ls", "report", "--out", "{file}"),
     ("ls", "detox", "--sources", "web"), ("ls", "detox", "--wheres", "middle,deep"),
     ("ls", "detox", "--hows", "erase"), ("ls", "detox", "--hows", ";"),
     ("ls", "detox", "--hows", "clamp=x"), ("ls", "detox", "--k", "-1"),
@@ -184,6 +177,9 @@ PARSE_CASES = [
     ("ls", "rtp", "--edit", "{tmp}/no"), ("ls", "rtp", "--k", "-1"),
     ("ls", "rtp", "--n-toxic", "-1"), ("ls", "rtp", "--seed", "x"),
     ("ls", "rtp", "--scorer", "perspective"), ("ls", "rtp", "--out", "{tmp}"),
+    ("ls", "generate", "--edit", "{tmp}/no"), ("ls", "generate", "--edit", "{file}"),
+    ("ls", "generate", "--prompts", "{tmp}/no.txt"), ("ls", "generate", "--prompts", "{tmp}"),
+    ("ls", "generate", "--max-new-tokens", "0"),
 ]
 
 
@@ -208,7 +204,7 @@ def test_each_bad_argument_exits_2_with_one_line(cli, command, option, value, tm
     ("pb", ["eval", "--model", "m"], "--task"),
     ("pb", ["layers", "--model", "m"], "--out"),
     ("ls", ["direction", "--layer", "1", "--out", "d.safetensors"], "--from"),
-    ("ls", ["edit", "--model", "m"], "--direction"),
+    ("ls", ["generate", "--model", "m"], "--edit"),
 ])
 def test_a_missing_required_argument_is_named(cli, argv, missing, capsys):
     assert exit_status(MAINS[cli], argv) == 2
@@ -265,7 +261,10 @@ def test_ctrl_c_is_one_line_and_exit_130(cli, command, argv, says, tmp_path, mon
 
 
 def test_the_parsers_names_match_their_modules():
-    from lens_safety import caching, detox, directions, edit, evaluation, study, toxicity
+    from lens_safety import detox
+    from lens_safety.edits import edit
+    from lens_safety.evaluation import toxicity
+    from lens_safety.probing import caching, directions, study
     from pruning_bridge.evals.tasks import TASKS, EvalSettings
     from pruning_bridge.heads.sweep import REPORT_FRACTIONS
     from pruning_bridge.models import resolve_dtype
@@ -284,7 +283,7 @@ def test_the_parsers_names_match_their_modules():
     assert bridge_cli.REPORT_FRACTIONS == REPORT_FRACTIONS
     assert (safety_cli.HOOKS, safety_cli.POOLS) == (caching.HOOKS, caching.POOLS)
     assert safety_cli.METHODS == directions.METHODS
-    assert safety_cli.EDITS == evaluation.EDITS and safety_cli.HOWS == edit.HOWS
+    assert safety_cli.HOWS == edit.HOWS
     assert safety_cli.SOURCES == detox.SOURCES and safety_cli.SCORERS == toxicity.SCORERS
     assert set(detox.layer_sets(12, safety_cli.LAYER_SETS)) == set(safety_cli.LAYER_SETS)
     probe = study.ProbeSettings()

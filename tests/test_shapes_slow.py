@@ -273,8 +273,8 @@ def test_balanced_head_removal_at_full_size_shrinks_and_runs(name):
 
 
 def test_gpt2_large_hooked_transformer_equals_the_bridge_and_edits_agree():
-    from lens_safety.edit import Edit
-    from lens_safety.hooked import hooked_from_hf
+    from lens_safety.backend.transformer_lens import hooked_from_hf
+    from lens_safety.edits.edit import Edit
 
     model, tok = model_of("shape:gpt2-large", torch.float32)
     bridge = HookBridge(model, tok)

@@ -88,7 +88,7 @@ def load_edit(edit):
     if not folder.is_dir():
         raise UsageError(f"--edit {edit}: not a folder; pass the folder Edit.save wrote "
                          f"(edit.json + edit.safetensors).")
-    from lens_safety.edit import Edit
+    from lens_safety.edits.edit import Edit
 
     return Edit.load(folder)
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from lens_safety import ablate, orthogonalize
+from lens_safety import Edit, residual_hooks
 from pruning_bridge.bridge import attention
 from pruning_bridge.bridge import ARCHITECTURES, HookBridge, UnknownHookError, head_counts
 from pruning_bridge.heads import RoutedHeads, remove_heads
@@ -450,23 +450,26 @@ def test_routed_heads_equal_plain_pytorch_gating(tiny, name):
 
 
 @pytest.mark.parametrize("name", NEW)
-def test_ablate_equals_transformer_lens_and_orthogonalize(tiny, name):
+def test_project_everywhere_equals_transformer_lens_and_orthogonalize(tiny, name):
     model, tok = tiny(name)
     bridge, hooked = HookBridge(model, tok), tl_reference(model, tok)
     d = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     d = d / d.norm()
     ids = tok(TEXT, return_tensors="pt")["input_ids"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with ablate(bridge, d):
+    residual = ("hook_resid_pre", "hook_resid_post") if name == "tiny-pythia" else (
+        "hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+    assert residual_hooks(bridge) == residual
+    everywhere = Edit.from_direction(d, "project", layers=range(4), where=residual,
+                                     skip_first=False)
+    with everywhere.apply(bridge):
         ablated = bridge(ids)
-    residual = ("resid_pre", "resid_post") if name == "tiny-pythia" else (
-        "resid_pre", "resid_mid", "resid_post")
-    names = [f"blocks.{i}.hook_{h}" for i in range(4) for h in residual]
+    names = [f"blocks.{i}.{h}" for i in range(4) for h in residual]
     with torch.no_grad():
         expected = hooked.run_with_hooks(ids, fwd_hooks=[
             (n, lambda x, hook: x - (x @ d)[..., None] * d) for n in names])
     torch.testing.assert_close(ablated, expected, atol=1e-4, rtol=0)
-    with orthogonalize(bridge, d):
+    with Edit.from_direction(d, "orthogonalize").apply(bridge):
         baked = bridge(ids)
     torch.testing.assert_close(baked, ablated, atol=1e-4, rtol=0)
     for k, v in model.state_dict().items():

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from lens_safety.caching import cache_residuals
-from lens_safety.edit import Edit
-from lens_safety.editing import ablate
+from lens_safety.backend import residual_hooks
+from lens_safety.edits.edit import Edit
+from lens_safety.probing.caching import cache_residuals
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.bridge.remote import (UnsendableError, allowed, check_sendable,
                                           refused_references)
@@ -83,9 +83,11 @@ def test_safety_edits_equal_the_local_bridge(pair, how):
     with edit.apply(remote):
         assert torch.equal(remote(PROMPTS), expected)
     direction = torch.randn(local.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    with ablate(local, direction, mode="subtract", alpha=2.0):
+    everywhere = Edit.from_direction(direction, "subtract", layers=range(local.adapter.n_layers),
+                                     alpha=2.0, where=residual_hooks(local), skip_first=False)
+    with everywhere.apply(local):
         expected = local.generate(PROMPTS, max_new_tokens=3, return_text=False)
-    with ablate(remote, direction, mode="subtract", alpha=2.0):
+    with everywhere.apply(remote):
         assert torch.equal(remote.generate(PROMPTS, max_new_tokens=3, return_text=False),
                            expected)
 

@@ -2,8 +2,8 @@
 tests (imported by test_extra_hooks.py and test_tl_surface.py).
 
 ``independent(model, tokenizer)``: TransformerLens's own forward pass on the HF weights.
-- TransformerLens 3.9: ``HookedTransformer`` built offline by ``lens_safety.hooked.hooked_from_hf``
-  (every family in the table);
+- TransformerLens 3.9: ``HookedTransformer`` built offline by
+  ``lens_safety.backend.transformer_lens.hooked_from_hf`` (every family in the table);
 - TransformerLens 4.x: ``TransformerBridge.boot_native``, TransformerLens's reimplementation,
   loaded with the HF weights here (GPT-2, Llama and Mistral; it has no q/k norms and no parallel
   residual, so the other families are skipped). Its rotary embedding rotates adjacent pairs,
@@ -58,7 +58,7 @@ def with_flags(model, tokenizer, flags: tuple[str, ...]):
 
 
 def _hooked(model, tokenizer):
-    from lens_safety.hooked import hooked_from_hf
+    from lens_safety.backend.transformer_lens import hooked_from_hf
 
     return hooked_from_hf(model, tokenizer)
 

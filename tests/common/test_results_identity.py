@@ -205,7 +205,7 @@ def test_router_folder_retrains_when_settings_or_model_change(tiny, tmp_path):
 
 
 def test_cached_residuals_of_a_pruned_copy_are_not_reused(tiny, tmp_path):
-    from lens_safety.caching import cache_residuals
+    from lens_safety.probing.caching import cache_residuals
     from pruning_bridge.bridge import HookBridge
 
     model, tok = tiny("tiny-llama")
@@ -223,7 +223,7 @@ def test_cached_residuals_of_a_pruned_copy_are_not_reused(tiny, tmp_path):
 
 
 def test_a_damaged_protocol_report_is_one_usage_error(tmp_path):
-    from lens_safety.protocol import ProtocolReport
+    from lens_safety.evaluation.protocol import ProtocolReport
     from pruning_bridge.common.errors import UsageError
 
     path = tmp_path / "protocol.json"

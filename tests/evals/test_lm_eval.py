@@ -174,7 +174,7 @@ def test_skipped_layer_equals_the_model_with_that_layer_deleted(tiny):
 
 
 def test_a_saved_edit_equals_the_bridges_logits_under_that_edit(tiny, tmp_path):
-    from lens_safety.edit import Edit
+    from lens_safety.edits.edit import Edit
 
     from pruning_bridge.bridge import HookBridge
 

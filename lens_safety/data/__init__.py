@@ -1,0 +1,1 @@
+"""The data the safety study reads: ToxiGen and CrowS-Pairs prompts, RealToxicityPrompts."""

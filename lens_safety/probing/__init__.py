@@ -1,0 +1,2 @@
+"""Where harm is readable in the residual stream: caching, layer probes, directions, the probe
+study."""
