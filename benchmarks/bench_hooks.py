@@ -135,10 +135,8 @@ def boot_transformer_bridge(model, tokenizer):
 
 def hooked_transformer(model, tokenizer):
     """TransformerLens 3.x's HookedTransformer on ``model``'s unprocessed weights."""
-    try:
-        from lens_safety.backend.transformer_lens import hooked_from_hf
-    except ImportError:  # before lens_safety's backend package
-        from lens_safety.hooked import hooked_from_hf
+    from lens_safety.backend.transformer_lens import hooked_from_hf
+
     return hooked_from_hf(model, tokenizer).requires_grad_(False)
 
 
