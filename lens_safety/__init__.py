@@ -3,8 +3,10 @@
 - ``backend``: HookBridge vs TransformerLens (``backend.transformer_lens``) in one place;
 - ``data``: ToxiGen / CrowS-Pairs prompts, RealToxicityPrompts;
 - ``probing``: residual caching, layer probes, directions, the probe study;
-- ``edits``: ``Edit`` (the one activation-edit API), LEACE, the math run inside traces;
-- ``evaluation``: toxicity scorers, the RTP protocol, statistics, sweeping and selecting edits;
+- ``edits``: ``Edit`` (the one activation-edit API), LEACE, the math run inside traces, the
+  published detox edits (``peers``: AurA, Mean-AcT, Linear-AcT, ITI-c, CAA);
+- ``evaluation``: toxicity scorers, the RTP protocol, statistics, sweeping and selecting edits,
+  comparing the published detox edits (``compare``);
 - ``detox``: the end-to-end detoxification study; ``figures``; ``cli`` (``lens-safety``).
 
 Everything public is re-exported here, imported on first use (a module ``__getattr__``), so
@@ -21,6 +23,9 @@ _EXPORTS = {
     "detox": ("DetoxResult", "DetoxSettings", "run_detox_study"),
     "edits.edit": ("HOWS", "RESIDUAL", "Edit"),
     "edits.leace": ("LeaceEraser", "fit_leace"),
+    "edits.peers": ("PeerEdit", "fit_peer", "peer_edits"),
+    "evaluation.compare": ("CompareSettings", "ComparisonResult", "compare_edits",
+                           "comparison_figure", "format_table"),
     "evaluation.protocol": ("ProtocolReport", "ProtocolSettings", "rtp_protocol",
                             "run_protocol"),
     "evaluation.selection": ("edit_for", "edit_grid", "edit_sweep", "select_edit"),

@@ -1,4 +1,4 @@
-"""Command line of the safety study: ``lens-safety {probe,direction,detox,rtp,generate} ...``.
+"""Command line of the safety study: ``lens-safety {probe,direction,detox,rtp,generate,compare}``.
 
     lens-safety probe --model SPEC --data-dir DIR --out DIR
     lens-safety direction --from DIR --layer L --method M --out FILE
@@ -7,6 +7,8 @@
     lens-safety rtp --model SPEC --data-dir D [--edit DIR] [--k 25] [--n-toxic 100] [--out F]
     lens-safety generate --model SPEC --edit DIR [--prompt TEXT ...] [--prompts FILE]
         [--max-new-tokens 20]
+    lens-safety compare --model SPEC --data-dir D --out DIR [--peers aura,linear_act,...]
+        [--strengths "iti_c=2,4,8;caa=1,2"] [--ours DIR] [--k 25]
 
 (``python -m lens_safety`` is the same.) The pattern is ``pruning-bridge``'s: one
 ``_add_<command>`` per subcommand, comma lists, bad input exits with 2 and one line, and the
@@ -44,7 +46,9 @@ from pruning_bridge.common.errors import UsageError
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 POOLS = ("last", "mean", "mean_after_first")
 METHODS = ("mean_diff", "probe", "pca")
-HOWS = ("project", "subtract", "clamp", "leace", "orthogonalize")
+HOWS = ("project", "subtract", "clamp", "leace", "orthogonalize", "aura", "mean_act",
+        "linear_act", "iti_c", "caa")
+PEERS = HOWS[5:]  # the published detox edits (edits.peers.KINDS): fitted on texts, compared
 SOURCES = ("rtp_prompts", "rtp_continuations")
 SCORERS = ("profanity", "detoxify")
 LAYER_SETS = ("middle", "late", "window", "late_window", "last_fifth", "all")
@@ -171,6 +175,10 @@ def hows_list(text: str) -> tuple[tuple[str, tuple], ...]:
         how, _, strengths = part.partition("=")
         if how not in HOWS:
             raise argparse.ArgumentTypeError(f"unknown edit {how!r}; use {', '.join(HOWS)}")
+        if how in PEERS:
+            raise argparse.ArgumentTypeError(f"{how} is fitted on texts, not on a direction: "
+                                             f"compare it with `lens-safety compare --peers "
+                                             f"{how}`")
         values = tuple(floats(strengths)) if strengths else (None,)
         out.append((how, values))
     if not out:
@@ -308,6 +316,85 @@ def _run_rtp(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compare
+
+
+def peer_list(text: str) -> tuple[str, ...]:
+    """``"aura,linear_act"``: the published detox edits to compare."""
+    return tuple(choice_list(PEERS, "peers")(text))
+
+
+def strengths_list(text: str) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """``"iti_c=2,4,8;caa=1,2"`` -> each peer's strengths to sweep (its published default is
+    always added)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        kind, _, values = part.partition("=")
+        if kind not in PEERS:
+            raise argparse.ArgumentTypeError(f"unknown peer {kind!r}; use {', '.join(PEERS)}")
+        strengths = tuple(floats(values)) if values else ()
+        if not strengths or any(not v >= 0 for v in strengths):
+            raise argparse.ArgumentTypeError(f"give {kind} strengths >= 0, e.g. {kind}=0.5,1")
+        out.append((kind, strengths))
+    if not out:
+        raise argparse.ArgumentTypeError("no strengths given")
+    return tuple(out)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="the published detox edits and ours on one protocol")
+    add_model_options(p)
+    p.add_argument("--data-dir", type=input_folder, default=None,
+                   help="local data with rtp/ (default: the hub)")
+    p.add_argument("--peers", dest="kinds", metavar="PEERS", type=peer_list, default=UNSET,
+                   help=f"comma list of {','.join(PEERS)} (default: all)")
+    p.add_argument("--strengths", type=strengths_list, default=UNSET,
+                   help='strengths to sweep per peer, e.g. "iti_c=2,4,8;caa=1,2"')
+    p.add_argument("--ours", type=input_folder, default=None,
+                   help="our selected edit (a folder written by Edit.save, e.g. the detox "
+                        "study's selected_edit)")
+    for name, kind in (("k", count0), ("n_train", count), ("n_validation", count),
+                       ("n_test_toxic", count), ("n_test_nontoxic", count), ("sweep_k", count0),
+                       ("test_mmlu", count0), ("top_heads", count), ("seed", count0),
+                       ("max_perplexity_ratio", bounded(float, above=0.0)),
+                       ("max_fluency_ratio", bounded(float, above=0.0))):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=UNSET)
+    p.add_argument("--scorer", type=scorer_name, default=UNSET,
+                   help="profanity (offline, the default) or detoxify")
+    p.add_argument("--out", type=output_folder, required=True,
+                   help="output folder (rerun to resume)")
+    p.set_defaults(run=_run_compare, resumes="out")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from pruning_bridge.figures import save_figure
+
+    from .data.rtp import load_rtp, split_rtp
+    from .edits.edit import Edit
+    from .evaluation.compare import (
+        CompareSettings,
+        compare_edits,
+        comparison_figure,
+        format_table,
+    )
+
+    fields = {k: getattr(args, k) for k in CompareSettings.__dataclass_fields__
+              if hasattr(args, k)}
+    settings = CompareSettings(**fields)
+    with naming_option("--ours", args.ours):
+        ours = Edit.load(args.ours) if args.ours else None
+    with naming_option("--data-dir", args.data_dir):
+        split = split_rtp(load_rtp(args.data_dir), seed=settings.seed)
+    bridge, tokenizer = _load_bridge(args)
+    out = Path(args.out)
+    result = compare_edits(bridge, tokenizer, split, settings, ours=ours,
+                           data_dir=args.data_dir, folder=out)
+    print(format_table(result))
+    save_figure(comparison_figure(result), out / "comparison")
+    print(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'} and the figure")
+    return 0
+
+
 # ---------------------------------------------------------------- generate
 
 
@@ -380,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detox(sub)
     _add_rtp(sub)
     _add_generate(sub)
+    _add_compare(sub)
     return parser
 
 

@@ -29,7 +29,11 @@ How (per edited layer L; d_L a unit direction):
   (:mod:`lens_safety.edits.leace`);
 - ``orthogonalize``: ``x - (x.d) d`` baked into every parameter that writes to the residual
   stream (all layers, every token, no hooks: ``where`` and ``skip_first`` do not apply); the
-  weights, and a tied output head, are restored bit for bit when the ``with`` block ends.
+  weights, and a tied output head, are restored bit for bit when the ``with`` block ends;
+- the published detox edits ``aura``, ``mean_act``, ``linear_act``, ``iti_c``, ``caa``
+  (:mod:`lens_safety.edits.peers`): a fitted ``state`` per hook point and one ``strength``
+  (None: the paper's), fitted from texts by ``Edit.fit(model, labels, how=..., texts=...)``;
+  the first real token is never edited.
 
 Each layer keeps its own direction, strength and eraser whatever order the layers are given
 in (they are sorted together); negative layers count from the end of the model it is applied
@@ -66,9 +70,12 @@ from ..probing.caching import read_tensors, save_tensors, tensors_sha256
 from ..probing.directions import class_labels, harmful_direction
 from ..probing.probes import as_array
 from .leace import LeaceEraser
+from .peers import KINDS as PEER_HOWS
+from .peers import PeerEdit, fit_peer
 from .trace_math import clamp_along, leace_erase, project_out, subtract_along
 
-HOWS = ("project", "subtract", "clamp", "leace", "orthogonalize")
+DIRECTION_HOWS = ("project", "subtract", "clamp", "leace", "orthogonalize")
+HOWS = DIRECTION_HOWS + PEER_HOWS  # the peers: aura, mean_act, linear_act, iti_c, caa
 RESIDUAL = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 # block-relative hooks whose activations are [..., d_model] (the width check of ``apply``)
 D_MODEL_HOOKS = (*RESIDUAL, "hook_attn_out", "hook_mlp_out", "hook_mlp_in",
@@ -118,6 +125,8 @@ class Edit:
     where: tuple[str, ...] = ("hook_resid_post",)
     skip_first: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Tensor] | None = None    # a peer's fitted state {blocks.L.hook.key: ...}
+    strength: float | None = None             # a peer's strength (None: the published one)
 
     def __post_init__(self):
         if self.how not in HOWS:
@@ -128,6 +137,9 @@ class Edit:
             raise UsageError("where=() edits nothing: name at least one hook, e.g. "
                              "where=('hook_resid_post',).")
         self.where = tuple(dict.fromkeys(block_hook(name) for name in where))
+        if self.how in PEER_HOWS:
+            self._check_peer()
+            return
         n = len(self.layers)
         if self.directions is not None:  # [n, d_model] (or n vectors) -> unit rows
             self.directions = torch.stack([unit_direction(d, len(d)) for d in self.directions])
@@ -160,7 +172,41 @@ class Edit:
         if self.erasers is not None:
             self.erasers = [self.erasers[i] for i in order]
 
+    def _check_peer(self) -> None:
+        """A peer's state holds exactly the hooks ``where`` at ``layers`` (and its kind's keys)."""
+        if self.state is None:
+            raise UsageError(f"A {self.how} edit needs its fitted state: Edit.fit(model, labels, "
+                             f"how={self.how!r}, texts=...) or Edit.from_state(...).")
+        peer = PeerEdit(self.how, dict(self.state), self.strength)  # keys and strength checked
+        self.state, self.strength = peer.state, peer.strength
+        if any(layer < 0 for layer in self.layers):
+            raise UsageError(f"A {self.how} edit's layers are the blocks its state was fitted "
+                             f"at (0 or more); got {self.layers}.")
+        self._sort_layers()
+        expected = {f"blocks.{layer}.{hook}" for layer in self.layers for hook in self.where}
+        held = set(peer.names)
+        if expected != held:
+            raise UsageError(
+                f"The {self.how} state holds {sorted(held)[:4]}..., not where={self.where} at "
+                f"layers={self.layers}: build it with Edit.from_state(how, state) (they are read "
+                f"from the state).")
+
     # ---------------------------------------------------------------- building
+    @classmethod
+    def from_state(cls, how: str, state: dict[str, Tensor], strength: float | None = None,
+                   **info) -> "Edit":
+        """A peer edit (``aura``, ``mean_act``, ``linear_act``, ``iti_c``, ``caa``) from a state
+        fitted by :func:`lens_safety.edits.peers.fit_peer`; ``layers`` and ``where`` are read
+        from its keys."""
+        if how not in PEER_HOWS:
+            raise UsageError(f"from_state builds the fitted peers ({', '.join(PEER_HOWS)}); "
+                             f"got {how!r}.")
+        peer = PeerEdit(how, dict(state), strength)
+        layers = sorted({int(name.split(".")[1]) for name in peer.names})
+        where = tuple(dict.fromkeys(name.split(".", 2)[2] for name in peer.names))
+        return cls(how, layers, where=where, state=peer.state, strength=peer.strength,
+                   info=info)
+
     @classmethod
     def from_direction(cls, direction, how: str = "project", layers: Sequence[int] = (),
                        alpha: float = 1.0, threshold: float = 0.0,
@@ -178,11 +224,12 @@ class Edit:
                    where=where, skip_first=skip_first, info=info)
 
     @classmethod
-    def fit(cls, acts, labels: Sequence, how: str, layers: Sequence[int],
+    def fit(cls, acts, labels: Sequence, how: str, layers: Sequence[int] | None = None,
             strength: float | None = None, method: str = "mean_diff",
             positive: Sequence | None = None, negative: Sequence | None = None,
-            direction_layer: int | None = None, where: Sequence[str] = ("hook_resid_post",),
-            skip_first: bool = True, **info) -> "Edit":
+            direction_layer: int | None = None, where: Sequence[str] | None = None,
+            skip_first: bool = True, texts: Sequence[str] | None = None,
+            fit_options: dict[str, Any] | None = None, **info) -> "Edit":
         """Fit an edit on cached activations ``acts`` ``[n_layers, n, d_model]`` (read at the
         hook it will edit) and their ``labels``: per layer of ``layers`` a ``method`` direction
         (or with ``direction_layer``, that layer's direction everywhere) or a LEACE eraser,
@@ -190,6 +237,21 @@ class Edit:
         ``strength`` is in class-gap units (see the module doc; subtract default 1, clamp 0)."""
         if how not in HOWS:
             raise UsageError(f"Unknown edit {how!r}; use one of {', '.join(HOWS)}.")
+        if how in PEER_HOWS:  # acts is the model; texts and labels say what to fit on
+            if texts is None or len(texts) != len(labels):
+                raise UsageError(f"A {how} edit is fitted on texts: pass texts=[...] with one "
+                                 f"label each ({len(labels)} labels).")
+            rows, y = class_labels(labels, positive, negative)
+            chosen = [texts[i] for i in rows]
+            state = fit_peer(how, acts, [t for t, c in zip(chosen, y) if c == 1],
+                             [t for t, c in zip(chosen, y) if c == 0], where=where,
+                             layers=layers, **(fit_options or {}))
+            return cls.from_state(how, state, strength, **dict(
+                info, positive=None if positive is None else list(positive),
+                negative=None if negative is None else list(negative), n_fit=int(len(rows))))
+        if layers is None:
+            raise UsageError("Say where to edit: layers=[...] (e.g. list(range(n_layers))).")
+        where = ("hook_resid_post",) if where is None else where
         X = as_array(acts)
         if X.ndim != 3:
             raise UsageError(f"acts must be [n_layers, n, d_model]; got {tuple(X.shape)}.")
@@ -249,6 +311,13 @@ class Edit:
     def apply(self, model) -> Iterator:
         """Inside the block ``model`` (a HookBridge or a TransformerLens model) runs edited:
         forward, caching and generation; it is exactly as before on exit."""
+        if self.how in PEER_HOWS:
+            if max(self.layers) >= dims(model)[0]:
+                raise UsageError(f"This {self.how} edit was fitted at layers {self.layers}; the "
+                                 f"model has {dims(model)[0]}. Fit it on this model.")
+            with PeerEdit(self.how, self.state, self.strength).apply(model):
+                yield model
+            return
         n_layers, d_model = dims(model)
         if self.d_model != d_model and (self.how == "orthogonalize"
                                         or set(self.where) <= set(D_MODEL_HOOKS)):
@@ -286,6 +355,8 @@ class Edit:
     @property
     def config(self) -> dict[str, Any]:
         """What identifies this edit in a sweep's results (JSON; the vectors as a digest)."""
+        if self.how in PEER_HOWS:
+            return PeerEdit(self.how, self.state, self.strength, self.info).config
         state = b"".join(t.detach().float().cpu().contiguous().numpy().tobytes()
                          for t in self._tensors().values())
         return {"how": self.how, "layers": self.layers, "where": list(self.where),
@@ -295,6 +366,8 @@ class Edit:
                 "skip_first": self.skip_first, "vectors": hashlib.sha256(state).hexdigest()[:12]}
 
     def __str__(self) -> str:
+        if self.how in PEER_HOWS:
+            return str(PeerEdit(self.how, self.state, self.strength))
         where = (f"L{self.layers[0]}" if len(self.layers) == 1
                  else f"L{self.layers[0]}-{self.layers[-1]}"
                  if self.layers[0] >= 0
@@ -317,6 +390,8 @@ class Edit:
 
     # ---------------------------------------------------------------- saving
     def _tensors(self) -> dict[str, Tensor]:
+        if self.how in PEER_HOWS:
+            return dict(self.state)
         if self.how == "leace":
             return {f"eraser.{i}.{k}": v for i, e in enumerate(self.erasers)
                     for k, v in e.state_dict().items()}
@@ -330,6 +405,7 @@ class Edit:
         save_tensors(folder / STATE_FILE, tensors)
         write_json_atomic(folder / CONFIG_FILE,
                           {"how": self.how, "layers": self.layers, "strengths": self.strengths,
+                           "strength": self.strength,
                            "where": list(self.where), "skip_first": self.skip_first,
                            "info": self.info, "summary": str(self),
                            "state_sha256": tensors_sha256(tensors)}, indent=1, default=str)
@@ -358,7 +434,9 @@ class Edit:
                     prefix = f"eraser.{i}."
                     erasers.append(LeaceEraser.from_state_dict(
                         {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}))
+            peer = config["how"] in PEER_HOWS
             return cls(config["how"], config["layers"], directions=tensors.get("directions"),
+                       state=tensors if peer else None, strength=config.get("strength"),
                        strengths=config["strengths"], erasers=erasers,
                        where=tuple(config["where"] if "where" in config
                                    else config["hooks"]),  # files saved before `where`

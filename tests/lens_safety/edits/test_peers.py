@@ -332,3 +332,57 @@ def test_edit_closures_and_bad_inputs(models):
         PeerEdit("linear_act", {"blocks.0.ln2.hook_normalized.w": torch.ones(3)})
     with pytest.raises(PeerError, match=">= 0"):
         PeerEdit("caa", state, -1.0)
+
+
+# ---------------------------------------------------------------- as Edit kinds
+def test_peers_as_edit_kinds_fit_save_load_and_apply_everywhere(models, fitted, tmp_path):
+    from lens_safety.edits.edit import HOWS, Edit
+    from pruning_bridge.common.errors import UsageError
+
+    assert set(KINDS) <= set(HOWS)
+    model, tokenizer, bridge = models["tiny-gpt2"]
+    remote = HookBridge.remote(model, tokenizer=tokenizer, simulate=True)
+    hooked = hooked_from_hf(model, tokenizer)
+    texts, labels = TOXIC + NONTOXIC, ["toxic"] * len(TOXIC) + ["nontoxic"] * len(NONTOXIC)
+    ids, mask = bridge.tokenize(PROBE)
+    one = torch.tensor([tokenizer(PROBE[1])["input_ids"]])
+    clean = bridge(ids, attention_mask=mask)
+    for kind in KINDS:
+        edit = Edit.fit(bridge, labels, how=kind, texts=texts, layers=[0, 2],
+                        positive=("toxic",), negative=("nontoxic",), fit_options={"top_heads": 3})
+        state = fitted["tiny-gpt2", kind]
+        assert set(edit.state) == set(state), kind
+        for key, value in state.items():  # Edit.fit is fit_peer on the chosen classes
+            torch.testing.assert_close(edit.state[key], value, atol=1e-6, rtol=1e-6)
+        assert edit.layers == [0, 2] and edit.strength == DEFAULT_STRENGTH[kind]
+        assert edit.where == tuple(dict.fromkeys(n.split(".", 2)[2] for n in PeerEdit(
+            kind, state).names))
+        loaded = Edit.load(edit.save(tmp_path / kind))
+        assert all(torch.equal(loaded.state[k], v) for k, v in edit.state.items())
+        assert (loaded.how, loaded.layers, loaded.where, loaded.strength, str(loaded),
+                loaded.config) == (edit.how, edit.layers, edit.where, edit.strength, str(edit),
+                                   edit.config)
+        reference = PeerEdit(kind, edit.state, edit.strength)  # tested against plain hooks
+        with reference.apply(bridge):
+            expected = bridge(ids, attention_mask=mask)
+            expected_one = bridge(one)
+        with loaded.apply(bridge):
+            assert torch.equal(bridge(ids, attention_mask=mask), expected), kind
+        with loaded.apply(remote):
+            torch.testing.assert_close(remote(one), expected_one, atol=1e-5, rtol=1e-5)
+        with loaded.apply(hooked):
+            torch.testing.assert_close(hooked(one), expected_one, atol=1e-4, rtol=1e-4)
+        weaker = Edit.from_state(kind, edit.state, strength=0.0)
+        with weaker.apply(bridge):
+            assert torch.equal(bridge(ids, attention_mask=mask), clean), kind
+    state = fitted["tiny-gpt2", "aura"]
+    with pytest.raises(UsageError, match="needs its fitted state"):
+        Edit("aura", [0], where=("mlp.hook_pre",))
+    with pytest.raises(UsageError, match="not where="):
+        Edit("aura", [0], where=("hook_resid_post",), state=state)
+    with pytest.raises(UsageError, match="texts="):
+        Edit.fit(bridge, labels, how="caa")
+    folder = Edit.from_state("caa", fitted["tiny-gpt2", "caa"]).save(tmp_path / "torn")
+    (folder / "edit.safetensors").write_bytes((folder / "edit.safetensors").read_bytes()[:-8])
+    with pytest.raises(UsageError, match="torn"):
+        Edit.load(folder)

@@ -147,3 +147,23 @@ def test_text_prefix_keeps_the_perplexity_windows(tiny, data_dir):
     short = perplexity(model, tokenizer, prefix, window=16, max_windows=3, progress=False)
     assert short.value == full.value and short.records == full.records
     assert text_prefix(tokenizer, text, 16, None) == text
+
+
+def test_cli_compare_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    from lens_safety.cli import main
+
+    base = ["compare", "--model", "tiny-llama", "--out", str(tmp_path / "out")]
+    for extra, message in ((["--peers", "aura,rome"], "unknown peers 'rome'"),
+                           (["--strengths", "aura=-1"], "aura strengths >= 0"),
+                           (["--strengths", "rome=1"], "unknown peer 'rome'"),
+                           (["--k", "-1"], "--k")):
+        with pytest.raises(SystemExit) as stop:
+            main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert main(base + ["--ours", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --ours {tmp_path}: No saved edit") and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["detox", "--model", "tiny-llama", "--out", str(tmp_path), "--hows", "aura=1"])
+    assert "lens-safety compare --peers aura" in capsys.readouterr().err
