@@ -23,7 +23,9 @@ Each kind as its paper (and its reference code, apple/ml-aura and apple/ml-act) 
   ``sigma`` of the activations along it; only the ``top_heads`` heads of highest held-out probe
   accuracy (over all edited layers) are steered, ``z + alpha sigma theta``, ``alpha = 8``.
 - ``caa`` (Rimsky et al. 2024): the difference of the non-toxic and toxic means at the residual
-  stream (``hook_resid_post``), last token of each text, added with multiplier 1.
+  stream (``hook_resid_post``), last token of each text, added with multiplier 1 at one layer
+  (at 40% of the depth, where the paper finds steering works best; added at every layer the
+  shifts compound and SmolLM2-135M's perplexity explodes).
 
 Statistics leave each text's first real token out (``skip_first``: it is never edited, and its
 massive activations would dominate the pooled values). The state is ``{f"{hook}.{key}": float32
@@ -73,6 +75,7 @@ class PeerSpec:
     where: tuple[str, ...]
     pool: str
     causal: bool
+    depth: float | None = None  # None: every layer; else the one layer at this share of depth
 
 
 SPECS: dict[str, PeerSpec] = {
@@ -80,7 +83,7 @@ SPECS: dict[str, PeerSpec] = {
     "mean_act": PeerSpec(("ln1.hook_normalized", "ln2.hook_normalized"), "mean", True),
     "linear_act": PeerSpec(("ln1.hook_normalized", "ln2.hook_normalized"), "mean", True),
     "iti_c": PeerSpec(("attn.hook_z",), "mean", False),
-    "caa": PeerSpec(("hook_resid_post",), "last", False),
+    "caa": PeerSpec(("hook_resid_post",), "last", False, depth=0.4),
 }
 OPTIONAL_HOOKS = ("mlp.hook_pre_linear",)  # in the defaults only where the model has them
 STATE_KEYS = {"aura": ("auroc", "factors"), "mean_act": ("shift",),
@@ -134,10 +137,14 @@ def _as_bridge(model, tokenizer):
 def hook_points(bridge, kind: str, where: Sequence[str] | None = None,
                 layers: Sequence[int] | None = None) -> list[str]:
     """The full hook names a kind edits (``blocks.{L}.{hook}`` in run order): ``where`` (block-
-    relative, default the kind's) at ``layers`` (default every layer; negative from the end)."""
+    relative, default the kind's) at ``layers`` (default the kind's: every layer, CAA one layer
+    at 40% of the depth; negative from the end)."""
     check_kind(kind)
     n_layers = bridge.adapter.n_layers
-    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    depth = SPECS[kind].depth
+    if layers is None:
+        layers = list(range(n_layers)) if depth is None else [int(depth * n_layers)]
+    layers = [int(layer) for layer in layers]
     bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
     if bad or not layers:
         raise PeerError(f"Layers {bad or layers} are outside this model's {n_layers} layers "

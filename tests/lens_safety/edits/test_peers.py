@@ -316,6 +316,8 @@ def test_edit_closures_and_bad_inputs(models):
     x = torch.randn(2, 5, state["blocks.1.hook_resid_post.v"].shape[0])
     torch.testing.assert_close(fns["blocks.1.hook_resid_post"](x),
                                x + 2.0 * state["blocks.1.hook_resid_post.v"])
+    assert hook_points(bridge, "caa") == ["blocks.1.hook_resid_post"]  # one layer, 40% deep
+    assert len(hook_points(bridge, "mean_act")) == 2 * 4  # ln1 and ln2 of every layer
     with pytest.raises(PeerError, match="Unknown detox edit"):
         fit_peer("rome", bridge, TOXIC, NONTOXIC)
     with pytest.raises(PeerError, match="at least 2 texts"):
