@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from pruning_bridge.bridge import architecture_of, model_dims
 from pruning_bridge.bridge import residual_writers as hf_residual_writers
+from pruning_bridge.bridge.tl_api import rope_settings
 from pruning_bridge.common import UsageError
 from pruning_bridge.models import ModelLoadError, load_model, resolve_dtype
 
@@ -65,16 +66,6 @@ def is_transformer_bridge(model) -> bool:
 # ---------------------------------------------------------------- 3.x: HookedTransformer
 
 
-def _rope(config) -> tuple[float, float]:
-    """``(rope_theta, partial_rotary_factor)`` from a config (old and new transformers names)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
-    fraction = (params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor",
-                                                               None)
-                or getattr(config, "rotary_pct", None) or 1.0)
-    return float(theta), float(fraction)
-
-
 def hooked_config(hf_config, n_ctx: int | None = None):
     """The ``HookedTransformerConfig`` equivalent of an HF config of a family in the table
     (TransformerLens 3.x)."""
@@ -85,7 +76,7 @@ def hooked_config(hf_config, n_ctx: int | None = None):
         raise UsageError(f"No TransformerLens conversion for {arch.family}.")
     dims = model_dims(hf_config)
     rotary = arch.pos_embed is None
-    theta, fraction = _rope(hf_config)
+    theta, fraction = rope_settings(hf_config)
     eps = next(getattr(hf_config, name) for name in ("rms_norm_eps", "layer_norm_eps",
                                                      "layer_norm_epsilon")
                if getattr(hf_config, name, None) is not None)

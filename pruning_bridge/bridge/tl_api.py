@@ -73,7 +73,7 @@ class BridgeConfig:
     use_hook_mlp_in: bool = False
 
 
-def _rope(config) -> tuple[float, float]:
+def rope_settings(config) -> tuple[float, float]:
     """``(rope_theta, partial_rotary_factor)`` from an HF config (old and new names)."""
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
@@ -94,7 +94,7 @@ def tl_config(model, tokenizer=None) -> BridgeConfig:
     """``model``'s ``BridgeConfig`` (from its HF config and the architecture table)."""
     config, arch, dims = model.config, architecture_of(model), model_dims(model)
     first = next(model.parameters())
-    theta, fraction = _rope(config)
+    theta, fraction = rope_settings(config)
     rotary = arch.pos_embed is None
     eps = next((getattr(config, name) for name in ("rms_norm_eps", "layer_norm_eps",
                                                    "layer_norm_epsilon")
