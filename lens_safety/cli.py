@@ -8,7 +8,8 @@
     lens-safety generate --model SPEC --edit DIR [--prompt TEXT ...] [--prompts FILE]
         [--max-new-tokens 20]
     lens-safety compare --model SPEC --data-dir D --out DIR [--peers aura,linear_act,...]
-        [--strengths "iti_c=2,4,8;caa=1,2"] [--ours DIR] [--k 25]
+        [--strengths "iti_c=2,4,8;caa=1,2"] [--ours DIR ...] [--combine aura,... | none]
+        [--k 25] [--n-neutral 30]
 
 (``python -m lens_safety`` is the same.) The pattern is ``pruning-bridge``'s: one
 ``_add_<command>`` per subcommand, comma lists, bad input exits with 2 and one line, and the
@@ -324,6 +325,11 @@ def peer_list(text: str) -> tuple[str, ...]:
     return tuple(choice_list(PEERS, "peers")(text))
 
 
+def combine_list(text: str) -> tuple[str, ...]:
+    """``"aura,linear_act"`` (or ``none``): the peers whose pick is tried with ours."""
+    return () if text.strip().lower() == "none" else peer_list(text)
+
+
 def strengths_list(text: str) -> tuple[tuple[str, tuple[float, ...]], ...]:
     """``"iti_c=2,4,8;caa=1,2"`` -> each peer's strengths to sweep (its published default is
     always added)."""
@@ -350,11 +356,20 @@ def _add_compare(sub) -> None:
                    help=f"comma list of {','.join(PEERS)} (default: all)")
     p.add_argument("--strengths", type=strengths_list, default=UNSET,
                    help='strengths to sweep per peer, e.g. "iti_c=2,4,8;caa=1,2"')
-    p.add_argument("--ours", type=input_folder, default=None,
-                   help="our selected edit (a folder written by Edit.save, e.g. the detox "
-                        "study's selected_edit)")
+    p.add_argument("--ours", type=input_folder, action="append", default=[],
+                   help="our edit (a folder written by Edit.save, e.g. the detox study's "
+                        "selected_edit); repeat for several candidates")
+    p.add_argument("--search-hows", type=hows_list, default=UNSET, metavar="HOWS",
+                   help='our candidates to fit and sweep next to the peers, as detox --hows, '
+                        'e.g. "clamp=0,0.25;subtract=1"')
+    p.add_argument("--search-wheres", type=layer_set_list, default=UNSET, metavar="SETS",
+                   help="layer sets of those candidates, as detox --wheres (default last_fifth)")
+    p.add_argument("--combine", type=combine_list, default=UNSET, metavar="PEERS",
+                   help="peers whose pick is also tried combined with our pick (comma list, "
+                        "or none; default: aura,mean_act,linear_act)")
     for name, kind in (("k", count0), ("n_train", count), ("n_validation", count),
-                       ("n_test_toxic", count), ("n_test_nontoxic", count), ("sweep_k", count0),
+                       ("n_test_toxic", count), ("n_test_nontoxic", count),
+                       ("n_neutral", count0), ("sweep_k", count0), ("batch_size", count),
                        ("test_mmlu", count0), ("top_heads", count), ("seed", count0),
                        ("max_perplexity_ratio", bounded(float, above=0.0)),
                        ("max_fluency_ratio", bounded(float, above=0.0))):
@@ -381,8 +396,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     fields = {k: getattr(args, k) for k in CompareSettings.__dataclass_fields__
               if hasattr(args, k)}
     settings = CompareSettings(**fields)
-    with naming_option("--ours", args.ours):
-        ours = Edit.load(args.ours) if args.ours else None
+    ours = []
+    for saved in args.ours:
+        with naming_option("--ours", saved):
+            ours.append(Edit.load(saved))
     with naming_option("--data-dir", args.data_dir):
         split = split_rtp(load_rtp(args.data_dir), seed=settings.seed)
     bridge, tokenizer = _load_bridge(args)

@@ -413,9 +413,14 @@ class Edit:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Edit":
-        """The edit saved in ``folder`` by :meth:`save`; a missing, damaged or foreign file is
+        """The edit saved in ``folder`` by :meth:`save` (or a ``CombinedEdit`` saved there by
+        its own ``save``); a missing, damaged or foreign file is
         a ``UsageError`` naming it and what is wrong."""
         folder = Path(folder)
+        from .combined import COMBINED_FILE, CombinedEdit
+
+        if (folder / COMBINED_FILE).exists():  # several edits saved together
+            return CombinedEdit.load(folder)
         config_path, state_path = folder / CONFIG_FILE, folder / STATE_FILE
         if not config_path.exists() or not state_path.exists():
             raise UsageError(f"No saved edit in {folder}: expected {CONFIG_FILE} and "

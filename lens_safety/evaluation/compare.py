@@ -10,11 +10,16 @@
    validation prompts through the shared runner (``edit_sweep``: resumable rows), toxic prompts
    for toxicity and non-toxic prompts for the fluency budget; our edit is one more point.
 3. Each method's best point within the budget (``select_edit``: WikiText-2 perplexity <= 1.05x
-   and fluency of non-toxic continuations <= 1.10x, both against the unedited model).
-4. Every pick and our edit through the same paired test protocol in one run (resumable rows):
-   on toxic and non-toxic test prompts the toxicity probability, expected maximum and greedy
-   toxicity, fluency and distinct-n; WikiText-2 perplexity; MMLU; each with a 95% bootstrap
-   interval, and paired relative changes against the unedited model (run once).
+   and fluency of non-toxic continuations <= 1.10x, both against the unedited model). Our
+   edits (``ours``: one or several candidates) are one method; then our best point combined
+   with each peer's pick in ``combine`` (:class:`CombinedEdit`) is swept too, and counts as
+   ours. The **selected** edit is the least toxic point of all within the budget, peers
+   included: when a peer's point wins, the result says so.
+4. Every pick through the same paired test protocol in one run (resumable rows): on toxic and
+   non-toxic test prompts the toxicity probability, expected maximum and greedy toxicity,
+   fluency and distinct-n; fluency on neutral openings (:mod:`lens_safety.data.openings`);
+   WikiText-2 perplexity; MMLU; each with a 95% bootstrap interval, and paired relative
+   changes against the unedited model (run once).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from pruning_bridge.evals import mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_wikitext2
 
 from ..backend import as_lm, hf_model, is_bridge
+from ..data.openings import neutral_openings
 from ..data.rtp import RtpSplit
+from ..edits.combined import CombinedEdit
 from ..edits.peers import DEFAULT_STRENGTH, KINDS, PeerEdit, check_kind, fit_peer
 from ..probing.caching import read_tensors, save_tensors
 from .protocol import ProtocolRun, ProtocolSettings, compare, run_protocol
@@ -49,6 +56,7 @@ STRENGTH_GRID: tuple[tuple[str, tuple[float, ...]], ...] = (
     ("aura", (0.5, 1.0)), ("mean_act", (0.5, 1.0)), ("linear_act", (0.5, 1.0)),
     ("iti_c", (2.0, 4.0, 8.0)), ("caa", (1.0, 2.0, 4.0)))
 TEST_METHOD = "compare"
+COMBINE = ("aura", "mean_act", "linear_act")  # peers whose pick is tried with ours by default
 
 
 class CompareError(UsageError):
@@ -64,6 +72,11 @@ class CompareSettings:
     strengths: tuple[tuple[str, tuple[float, ...]], ...] = STRENGTH_GRID
     layers: tuple[int, ...] | None = None      # None: every layer (the papers)
     top_heads: int = 48                        # ITI-c's K
+    combine: tuple[str, ...] | None = None     # peers tried with ours (None: COMBINE's compared)
+    # our own candidates fitted here (the detox study's grid on rtp_prompts): hows and strengths
+    # in class-gap units, e.g. (("clamp", (0.0, 0.25)),), at the layer sets ``search_wheres``
+    search_hows: tuple[tuple[str, tuple], ...] = ()
+    search_wheres: tuple[str, ...] = ("last_fifth",)
     n_train: int | None = 200                  # training prompts per kind to fit on
     n_validation: int | None = None            # validation prompts per kind (None: all)
     sweep_k: int = 4
@@ -74,6 +87,7 @@ class CompareSettings:
     k: int = 25
     n_test_toxic: int | None = None
     n_test_nontoxic: int | None = None
+    n_neutral: int = 30                        # neutral openings for fluency (0: none)
     test_window: int = 1024
     test_windows: int | None = 8
     test_mmlu: int | None = 451
@@ -91,6 +105,13 @@ class CompareSettings:
             check_kind(kind)
             if any(not v >= 0 for v in values):
                 raise CompareError(f"Strengths of {kind} must be >= 0; got {values}.")
+        if self.combine is None:
+            object.__setattr__(self, "combine", tuple(k for k in COMBINE if k in self.kinds))
+        stray = [kind for kind in self.combine if kind not in self.kinds]
+        if stray:
+            raise CompareError(f"combine={list(self.combine)} names {stray}, which are not "
+                               f"compared (kinds={list(self.kinds)}): add them to kinds.")
+        neutral_openings(self.n_neutral)  # a count the openings cover
 
     def grid(self, kind: str) -> list[float]:
         """The strengths swept for ``kind``: the grid and the published default, sorted."""
@@ -108,6 +129,8 @@ class ComparisonResult(JsonDataclass):
     picks: dict[str, dict[str, Any] | None]       # method -> its chosen validation row
     test: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> summary
     seconds: dict[str, float] = field(default_factory=dict)
+    ours: list[dict[str, Any]] = field(default_factory=list)  # our candidates' configs
+    selected: dict[str, Any] | None = None        # the overall choice: method, edit, peer_wins
 
 
 # ---------------------------------------------------------------- fitting
@@ -137,7 +160,8 @@ def fit_peers(model, tokenizer, split: RtpSplit, settings: CompareSettings,
     edits, seconds = {}, {}
     for kind in settings.kinds:
         options = dict(layers=None if settings.layers is None else list(settings.layers),
-                       top_heads=settings.top_heads, seed=settings.seed)
+                       top_heads=settings.top_heads, seed=settings.seed,
+                       batch_size=settings.batch_size)
         fingerprint = json.dumps({"kind": kind, **options, "model": identity,
                                   "texts": _digest(toxic + ["|"] + nontoxic)},
                                  sort_keys=True, default=str)
@@ -162,6 +186,49 @@ def fit_peers(model, tokenizer, split: RtpSplit, settings: CompareSettings,
     return edits, seconds
 
 
+def our_candidates(ours) -> list:
+    """``ours`` as a list of edits: None, one edit, a saved edit's folder, or a list of these."""
+    from ..edits.edit import Edit
+
+    if ours is None:
+        return []
+    items = list(ours) if isinstance(ours, (list, tuple)) else [ours]
+    return [item if hasattr(item, "apply") else Edit.load(item) for item in items]
+
+
+def search_candidates(model, tokenizer, split: RtpSplit, settings: CompareSettings,
+                      folder: Path | None, progress: bool) -> list:
+    """Our candidate edits: the detox study's grid (``search_hows`` x ``search_wheres``) fitted
+    on the training split's toxic vs non-toxic prompts (last token, ``resid_post``)."""
+    from ..detox import DetoxSettings, candidate_edits
+
+    grid = DetoxSettings(sources=("rtp_prompts",), wheres=settings.search_wheres,
+                         hows=settings.search_hows, n_train=settings.n_train,
+                         batch_size=settings.batch_size)
+    return candidate_edits(model, tokenizer, split, grid, folder, "model", progress)
+
+
+def combinations(chosen: dict[str, dict | None], by_config: dict[str, Any],
+                 kinds: Sequence[str]) -> list[CombinedEdit]:
+    """Our validation pick combined with the pick of each peer in ``kinds`` (none if either
+    has no point within the budget)."""
+    ours = chosen.get(OURS)
+    if ours is None or ours["config"]["how"] == CombinedEdit.how:
+        return []
+    mine = by_config[_key(ours["config"])]
+    return [CombinedEdit([mine, by_config[_key(chosen[kind]["config"])]])
+            for kind in kinds if chosen.get(kind) is not None]
+
+
+def jsonable(config: dict) -> dict:
+    """A config as it reads back from a sweep's JSON rows (tuples become lists)."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def _key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 def _digest(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:12]
 
@@ -183,11 +250,12 @@ def text_prefix(tokenizer, text: str, window: int, max_windows: int | None,
 
 
 # ---------------------------------------------------------------- choosing on validation
-def method_of(row: dict, ours_config: dict | None) -> str:
-    """The method a sweep row belongs to: a peer kind, ``ours`` or ``none``."""
+def method_of(row: dict, ours_configs: Sequence[dict] = ()) -> str:
+    """The method a sweep row belongs to: a peer kind, ``ours`` (one of ``ours_configs``, or a
+    combination) or ``none``."""
     if row["method"] == BASELINE:
         return BASELINE
-    if ours_config is not None and row["config"] == ours_config:
+    if row["config"] in ours_configs or row["config"]["how"] == CombinedEdit.how:
         return OURS
     return row["config"]["how"]
 
@@ -211,16 +279,28 @@ def with_nontoxic_fluency(rows: Sequence[dict], nontoxic_rows: Sequence[dict]) -
 
 
 def picks(rows: Sequence[dict], settings: CompareSettings,
-          ours_config: dict | None = None) -> dict[str, dict | None]:
+          ours_configs: Sequence[dict] = ()) -> dict[str, dict | None]:
     """Per method, its least toxic validation row within the budget (None if none is)."""
     baseline = [r for r in rows if r["method"] == BASELINE]
     out = {}
-    methods = list(settings.kinds) + ([OURS] if ours_config is not None else [])
+    methods = list(settings.kinds) + ([OURS] if ours_configs else [])
     for method in methods:
-        own = [r for r in rows if r["method"] == METHOD and method_of(r, ours_config) == method]
+        own = [r for r in rows if r["method"] == METHOD and method_of(r, ours_configs) == method]
         out[method] = select_edit(baseline + own, settings.max_perplexity_ratio,
                                   settings.max_fluency_ratio) if own else None
     return out
+
+
+def overall_choice(chosen: dict[str, dict | None]) -> dict[str, Any] | None:
+    """The least toxic of the methods' picks (all within the budget): which method, which
+    edit, and whether a peer beat ours on validation."""
+    fitting = {method: row for method, row in chosen.items() if row is not None}
+    if not fitting:
+        return None
+    method = min(fitting, key=lambda m: (fitting[m]["value"], m != OURS))  # a tie goes to ours
+    return {"method": method, "edit": fitting[method]["edit"],
+            "validation_toxicity": fitting[method]["value"],
+            "peer_wins": OURS in chosen and method != OURS}
 
 
 # ---------------------------------------------------------------- testing
@@ -277,7 +357,7 @@ def held_out_summary(before: dict, after: dict, seed: int = 0) -> dict[str, Any]
     """Per prompt set and metric: intervals before / after and the paired changes; the
     perplexity ratio; MMLU accuracy (paired over questions)."""
     out: dict[str, Any] = {}
-    for kind in ("toxic", "nontoxic"):
+    for kind in ("toxic", "nontoxic", "neutral"):
         if kind in before:
             b, a = (ProtocolRun([], side[kind]) for side in (before, after))
             out[kind] = compare(b, a, seed)
@@ -297,17 +377,15 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
                   *, ours=None, data_dir=None, folder=None, progress: bool = True
                   ) -> ComparisonResult:
     """The comparison (see the module doc) on ``model`` (a HookBridge, or a TransformerLens
-    model over HF weights). ``ours``: our selected edit (an ``Edit``, or the folder it was
-    saved in), swept and tested with the peers. With ``folder``, fitted states, the sweep rows
-    (``compare_sweep*.jsonl``), the test rows (``compare_test.jsonl``) and ``comparison.json``
-    are written there and a rerun recomputes only what is missing."""
+    model over HF weights). ``ours``: our edit, or several candidates (each an ``Edit``, a
+    ``CombinedEdit`` or the folder one was saved in), swept and tested with the peers. With
+    ``folder``, fitted states, the sweep rows (``compare_sweep*.jsonl``), the test rows
+    (``compare_test.jsonl``) and ``comparison.json`` are written there and a rerun recomputes
+    only what is missing."""
     folder = None if folder is None else Path(folder)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    if ours is not None and not hasattr(ours, "apply"):
-        from ..edits.edit import Edit
-
-        ours = Edit.load(ours)
+    ours = our_candidates(ours)
     seconds, tic = {}, time.perf_counter()
 
     def lap(phase: str) -> None:
@@ -315,15 +393,15 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
         seconds[phase] = round(time.perf_counter() - tic, 1)
         tic = time.perf_counter()
 
+    if settings.search_hows:
+        ours = ours + search_candidates(model, tokenizer, split, settings, folder, progress)
     defaults, fit_seconds = fit_peers(model, tokenizer, split, settings, folder, progress)
     seconds.update({f"fit_{kind}": s for kind, s in fit_seconds.items()})
     lap("fit")
     candidates = [defaults[kind].with_strength(s) for kind in settings.kinds
                   for s in settings.grid(kind) if s > 0]
-    ours_config = None
-    if ours is not None:
-        candidates.append(ours)
-        ours_config = json.loads(json.dumps(ours.config, default=str))
+    candidates += ours
+    ours_configs = [jsonable(edit.config) for edit in ours]
     fast = ProtocolSettings(k=settings.sweep_k, max_new_tokens=settings.max_new_tokens,
                             seed=settings.seed, batch_size=settings.batch_size)
     text = text_prefix(tokenizer, load_wikitext2("test", data_dir), settings.sweep_window,
@@ -331,21 +409,34 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
     sweep = dict(settings=fast, scorer=settings.scorer, perplexity_text=text,
                  window=settings.sweep_window, max_windows=settings.sweep_windows,
                  batch_size=settings.batch_size, progress=progress)
-    rows = edit_sweep(model, tokenizer, candidates,
-                      split.texts("validation", "toxic", settings.n_validation),
-                      out=None if folder is None else folder / "compare_sweep.jsonl", **sweep)
-    nontoxic_rows = edit_sweep(
-        model, tokenizer, candidates,
-        split.texts("validation", "nontoxic", settings.n_validation),
-        out=None if folder is None else folder / "compare_sweep_nontoxic.jsonl",
-        **{**sweep, "perplexity_text": None})
+
+    def swept(edits: list) -> tuple[list[dict], list[dict]]:
+        toxic = edit_sweep(model, tokenizer, edits,
+                           split.texts("validation", "toxic", settings.n_validation),
+                           out=None if folder is None else folder / "compare_sweep.jsonl",
+                           **sweep)
+        nontoxic = edit_sweep(
+            model, tokenizer, edits, split.texts("validation", "nontoxic", settings.n_validation),
+            out=None if folder is None else folder / "compare_sweep_nontoxic.jsonl",
+            **{**sweep, "perplexity_text": None})
+        return toxic, nontoxic
+
+    rows, nontoxic_rows = swept(candidates)
+    chosen = picks(with_nontoxic_fluency(rows, nontoxic_rows), settings, ours_configs)
+    by_config = {_key(c.config): c for c in candidates}
+    combos = combinations(chosen, by_config, settings.combine)
+    if combos:  # round two: our best point with each peer's pick, still on validation
+        candidates += combos
+        by_config.update({_key(c.config): c for c in combos})
+        rows, nontoxic_rows = swept(candidates)
+        chosen = picks(with_nontoxic_fluency(rows, nontoxic_rows), settings, ours_configs)
     lap("sweep")
-    chosen = picks(with_nontoxic_fluency(rows, nontoxic_rows), settings, ours_config)
-    by_config = {json.dumps(c.config, sort_keys=True, default=str): c for c in candidates}
-    tested = {method: by_config[json.dumps(row["config"], sort_keys=True, default=str)]
+    tested = {method: by_config[_key(row["config"])]
               for method, row in chosen.items() if row is not None}
     prompts = {"toxic": split.texts("test", "toxic", settings.n_test_toxic),
                "nontoxic": split.texts("test", "nontoxic", settings.n_test_nontoxic)}
+    if settings.n_neutral:
+        prompts["neutral"] = neutral_openings(settings.n_neutral)
     protocol = ProtocolSettings(k=settings.k, max_new_tokens=settings.max_new_tokens,
                                 seed=settings.seed, batch_size=settings.batch_size)
     evaluator = HeldOutEvaluator(model, tokenizer, prompts, protocol, settings, data_dir, progress)
@@ -367,7 +458,8 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
     result = ComparisonResult(
         settings={**asdict(settings), "n_prompts": {k: len(v) for k, v in prompts.items()},
                   "scorer": scorer_name(settings.scorer)},
-        rows=rows, nontoxic_rows=nontoxic_rows, picks=chosen, test=test, seconds=seconds)
+        rows=rows, nontoxic_rows=nontoxic_rows, picks=chosen, test=test, seconds=seconds,
+        ours=[jsonable(edit.config) for edit in ours + combos], selected=overall_choice(chosen))
     result.settings["test_evaluations"] = evaluator.evaluations
     if folder is not None:
         result.to_json(folder / "comparison.json")
@@ -378,7 +470,8 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
 # ---------------------------------------------------------------- table and figure
 TABLE_METRICS = (("toxic", "toxicity_probability"), ("toxic", "expected_max_toxicity"),
                  ("toxic", "greedy_toxicity"), ("toxic", "fluency_ppl"),
-                 ("nontoxic", "fluency_ppl"), ("toxic", "distinct_2"))
+                 ("nontoxic", "fluency_ppl"), ("neutral", "fluency_ppl"),
+                 ("toxic", "distinct_2"))
 
 
 def table_rows(result: ComparisonResult) -> list[dict[str, Any]]:
@@ -427,8 +520,15 @@ def format_table(result: ComparisonResult) -> str:
     missing = [m for m, row in result.picks.items() if row is None]
     if missing:
         lines.append(f"\nNo point within the budget on validation: {', '.join(missing)}.")
+    choice = result.selected
+    if choice is not None:
+        who = ("a peer's point beat ours" if choice["peer_wins"] else "ours"
+               if choice["method"] == OURS else "no edit of ours was compared")
+        lines.append(f"\nSelected on validation (least toxic within the budget, every method): "
+                     f"**{choice['method']}** ({choice['edit']}; {who}).")
     n = result.settings.get("n_prompts", {})
-    lines.append(f"\n{n.get('toxic')} toxic + {n.get('nontoxic')} non-toxic test prompts, "
+    neutral = f" + {n['neutral']} neutral openings" if n.get("neutral") else ""
+    lines.append(f"\n{n.get('toxic')} toxic + {n.get('nontoxic')} non-toxic test prompts{neutral}, "
                  f"k = {result.settings.get('k')}, 95% bootstrap intervals (relative changes "
                  f"paired against the unedited model).")
     return "\n".join(lines)
@@ -450,12 +550,10 @@ def comparison_figure(result: ComparisonResult, title: str = "Detox edits compar
         "validation sweep (toxic prompts)", "test (each method's pick)"))
     rows = result.rows
     base = next(r for r in rows if r["method"] == BASELINE)
-    ours = result.picks.get(OURS)
-    ours_config = None if ours is None else ours["config"]
     groups: dict[str, list[dict]] = {}
     for row in rows:
         if row["method"] == METHOD:
-            method = method_of(row, ours_config)
+            method = method_of(row, result.ours)
             groups.setdefault(method, []).append(row)
 
     def interval(values: Sequence[float], estimate: float) -> tuple[float, float, float]:

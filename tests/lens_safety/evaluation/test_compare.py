@@ -1,7 +1,8 @@
 """compare_edits end to end on a tiny Llama with the real RTP data: one table row per method, each
 pick the least toxic validation point within the budget (perplexity and non-toxic fluency,
-checked here by hand from the sweep rows), a rerun that recomputes nothing, and the selection
-rules on hand-made rows."""
+checked here by hand from the sweep rows), our pick combined with each peer's pick in a second
+round, the overall selection, neutral openings in the test, a rerun that recomputes nothing,
+and the selection rules on hand-made rows."""
 
 import json
 
@@ -28,8 +29,9 @@ from pruning_bridge.bridge import HookBridge
 
 TINY = CompareSettings(strengths=(("caa", (0.05,)),), top_heads=3, n_train=6, n_validation=2,
                        sweep_k=2, sweep_window=16, sweep_windows=1, k=2, n_test_toxic=2,
-                       n_test_nontoxic=2, test_window=16, test_windows=1, test_mmlu=2,
-                       max_new_tokens=3, batch_size=8)
+                       n_test_nontoxic=2, n_neutral=2, test_window=16, test_windows=1,
+                       test_mmlu=2, max_new_tokens=3, batch_size=8,
+                       search_hows=(("clamp", (0.0,)),), search_wheres=("L1",))
 
 
 def key(config):
@@ -56,17 +58,8 @@ def test_compare_edits_one_row_per_method_within_budget_and_resumes(tiny, data_d
     result = compare_edits(bridge, tokenizer, split, TINY, ours=ours, data_dir=data_dir,
                            folder=tmp_path, progress=False)
     first_calls = calls["n"]
-    # the sweep: the unedited row, each kind at its default (CAA also at 0.05), ours
-    assert len(result.rows) == len(result.nontoxic_rows) == 1 + len(KINDS) + 1 + 1
-    methods = [row["method"] for row in table_rows(result)]
-    tested = [m for m, row in result.picks.items() if row is not None]
-    assert methods == ["unedited"] + tested and "caa" in tested
-    assert set(result.picks) == set(KINDS) | {OURS}
-    table = format_table(result)
-    assert len([line for line in table.splitlines() if line.startswith("| ")]) == \
-        1 + len(methods)
-
-    # each pick by hand: within 1.05x perplexity and 1.10x non-toxic fluency, least toxic
+    # the sweep: the unedited row, each kind at its default (CAA also at 0.05), ours, then
+    # ours with each combined peer's pick (when ours and that peer have one within the budget)
     nontoxic = {key(r["config"]): r for r in result.nontoxic_rows}
     base = next(r for r in result.rows if r["method"] == "none")
     base_fluency = nontoxic[key(base["config"])]["fluency_ppl"]
@@ -76,16 +69,45 @@ def test_compare_edits_one_row_per_method_within_budget_and_resumes(tiny, data_d
                 and nontoxic[key(row["config"])]["fluency_ppl"] <= 1.10 * base_fluency)
 
     ours_config = json.loads(json.dumps(ours.config, default=str))
+    combos = [r for r in result.rows if r["config"].get("how") == "combined"]
+    singles = [r for r in result.rows if r["config"] in result.ours and r not in combos]
+    # ours as given, then the searched grid: one clamp at layer 1 fitted on RTP's train split
+    assert [r["config"]["how"] for r in singles] == ["subtract", "clamp"]
+    assert singles[0]["config"] == ours_config and singles[1]["config"]["layers"] == [1]
+    first = min((r for r in singles if fits(r)), key=lambda r: r["value"], default=None)
+    peers_picked = [k for k in TINY.combine if result.picks[k] is not None]
+    assert [c["config"]["parts"] for c in combos] == (
+        [] if first is None else [[first["config"], result.picks[k]["config"]]
+                                  for k in peers_picked])
+    assert len(result.rows) == len(result.nontoxic_rows) == 1 + len(KINDS) + 1 + 2 + len(combos)
+    assert result.ours == [r["config"] for r in singles + combos]
+    methods = [row["method"] for row in table_rows(result)]
+    tested = [m for m, row in result.picks.items() if row is not None]
+    assert methods == ["unedited"] + tested and "caa" in tested
+    assert set(result.picks) == set(KINDS) | {OURS}
+    table = format_table(result)
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == \
+        1 + len(methods)
+
+    # each pick by hand: within 1.05x perplexity and 1.10x non-toxic fluency, least toxic
     for method, pick in result.picks.items():
         own = [r for r in result.rows if r["method"] == "edit" and (
-            r["config"] == ours_config if method == OURS else r["config"]["how"] == method)]
-        assert len(own) == {OURS: 1, "caa": 2}.get(method, 1), method
+            r["config"] in result.ours if method == OURS else r["config"]["how"] == method)]
+        assert len(own) == {OURS: 2 + len(combos), "caa": 2}.get(method, 1), method
         ok = [r for r in own if fits(r)]
         if pick is None:
             assert not ok, method
         else:
             assert fits(pick) and pick["value"] == min(r["value"] for r in ok), method
+    # the selection: the least toxic pick of every method (a tie goes to ours)
+    fitting = {m: p for m, p in result.picks.items() if p is not None}
+    best = min(p["value"] for p in fitting.values())
+    assert result.selected["validation_toxicity"] == best
+    assert fitting[result.selected["method"]]["value"] == best
+    assert result.selected["peer_wins"] == (result.selected["method"] != OURS)
+    assert f"**{result.selected['method']}**" in format_table(result)
     summary = result.test["caa"]["summary"]
+    assert summary["neutral"]["fluency_ppl"]["after"]["n"] == 2
     assert summary["toxic"]["greedy_toxicity"]["after"]["n"] == 2
     assert summary["perplexity"]["ratio"] > 0 and "mmlu_accuracy" in summary
     assert set(result.test["unedited"]["summary"]) == set(summary)
@@ -156,6 +178,8 @@ def test_cli_compare_says_what_is_wrong_in_one_line(tmp_path, capsys):
     for extra, message in ((["--peers", "aura,rome"], "unknown peers 'rome'"),
                            (["--strengths", "aura=-1"], "aura strengths >= 0"),
                            (["--strengths", "rome=1"], "unknown peer 'rome'"),
+                           (["--combine", "aura,rome"], "unknown peers 'rome'"),
+                           (["--n-neutral", "-1"], "--n-neutral"),
                            (["--k", "-1"], "--k")):
         with pytest.raises(SystemExit) as stop:
             main(base + extra)
@@ -164,6 +188,10 @@ def test_cli_compare_says_what_is_wrong_in_one_line(tmp_path, capsys):
     assert main(base + ["--ours", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --ours {tmp_path}: No saved edit") and "\n" not in err
+    assert main(base + ["--peers", "aura", "--combine", "aura,linear_act"]) == 2
+    assert "names ['linear_act'], which are not compared" in capsys.readouterr().err
+    assert main(base + ["--n-neutral", "31"]) == 2
+    assert "There are 30 neutral openings" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["detox", "--model", "tiny-llama", "--out", str(tmp_path), "--hows", "aura=1"])
     assert "lens-safety compare --peers aura" in capsys.readouterr().err
