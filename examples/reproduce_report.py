@@ -29,7 +29,9 @@ from lens_safety import ProbeSettings, ProbeStudy
 from lens_safety.detox import DetoxSettings, run_detox_study
 from lens_safety.figures import pareto_figure
 from lens_safety.data.prompts import load_crows_pairs, load_toxigen
-from lens_safety.data.rtp import load_rtp
+from lens_safety.data.rtp import load_rtp, split_rtp
+from lens_safety.evaluation.compare import (CompareSettings, compare_edits, comparison_figure,
+                                            table_rows)
 from lens_safety.evaluation.stats import format_interval
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.common.atomic import write_json_atomic
@@ -62,10 +64,17 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                     sweep_windows=2, sweep_window=512, head_steps=30, head_batch=4,
                     head_seq_len=128, head_tasks="perplexity", head_fractions=(0.5,),
                     safety_per_class=100,
-                    detox=DetoxSettings(sources=("rtp_prompts",), wheres=("last_fifth",),
+                    detox=DetoxSettings(sources=("rtp_prompts",),
+                                        wheres=("last_fifth", "late_window"),
                                         hows=(("clamp", (0.0, 0.25)),), n_validation=30,
-                                        sweep_k=2, k=3, n_test_toxic=45, n_test_nontoxic=15,
-                                        test_windows=2, test_mmlu=40)),
+                                        sweep_k=0, k=3, n_test_toxic=45, n_test_nontoxic=15,
+                                        test_windows=2, test_mmlu=40),
+                    # the published edits at their defaults next to ours (greedy validation;
+                    # the detox test's prompts and seeds, so ours reads the same there)
+                    compare=CompareSettings(strengths=(), combine=(), n_train=16,
+                                            n_validation=30, sweep_k=0, k=3, n_test_toxic=45,
+                                            n_test_nontoxic=15, n_neutral=10, test_windows=2,
+                                            test_mmlu=40)),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
                   safety_model="tiny-gpt2", mmlu=12, gsm8k=2, gsm8k_tokens=8, windows=2,
                   window=128, layer_tasks="mmlu,perplexity", weight_tasks="mmlu,perplexity",
@@ -77,7 +86,13 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                                       hows=(("subtract", (1.0,)), ("clamp", (0.0,))),
                                       sources=("rtp_prompts",), max_perplexity_ratio=100.0,
                                       max_fluency_ratio=100.0, test_window=64,
-                                      test_windows=1, test_mmlu=4, max_new_tokens=8)),
+                                      test_windows=1, test_mmlu=4, max_new_tokens=8),
+                  compare=CompareSettings(strengths=(), top_heads=3, n_train=6, n_validation=2,
+                                          sweep_k=0, sweep_window=64, sweep_windows=1, k=2,
+                                          n_test_toxic=2, n_test_nontoxic=2, n_neutral=2,
+                                          test_window=64, test_windows=1, test_mmlu=0,
+                                          batch_size=8, max_new_tokens=8,
+                                          max_perplexity_ratio=100.0, max_fluency_ratio=100.0)),
     # the report's architectures at true size with random weights, a few items per stage, at
     # the report's dtype: every stage of `report` rehearsed offline (numbers are meaningless)
     "rehearsal": dict(compress_model="shape:qwen3-0.6b",
@@ -93,7 +108,13 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                                           hows=(("clamp", (0.0,)),), sources=("rtp_prompts",),
                                           max_perplexity_ratio=100.0, max_fluency_ratio=100.0,
                                           test_window=64, test_windows=1, test_mmlu=2,
-                                          max_new_tokens=6)),
+                                          max_new_tokens=6),
+                      compare=CompareSettings(strengths=(), combine=(), top_heads=4, n_train=4,
+                                              n_validation=2, sweep_k=0, sweep_window=64,
+                                              sweep_windows=1, k=1, n_test_toxic=2,
+                                              n_test_nontoxic=2, n_neutral=2, test_window=64,
+                                              test_windows=1, test_mmlu=0, batch_size=4,
+                                              max_new_tokens=6)),
     "report": dict(compress_model="Qwen/Qwen3-0.6B",
                    head_models=["TinyLlama/TinyLlama_v1.1", "Qwen/Qwen3-0.6B"],
                    safety_model="gpt2-large", mmlu=451, gsm8k=131, gsm8k_tokens=256,
@@ -102,7 +123,10 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                    sweep_window=2048, head_steps=1000, head_batch=8, head_seq_len=512,
                    head_tasks="mmlu,gsm8k,perplexity", safety_per_class=None,
                    detox=DetoxSettings(k=25, sweep_window=1024, sweep_windows=4,
-                                       test_window=1024, test_windows=None)),
+                                       test_window=1024, test_windows=None),
+                   compare=CompareSettings(k=25, sweep_window=1024, sweep_windows=4,
+                                           search_hows=(("clamp", (0.0, 0.25, 0.5)),),
+                                           search_wheres=("last_fifth", "late_window", "late"))),
 }
 
 
@@ -475,7 +499,59 @@ def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
                 ("scorer agreement with Perspective", [agreement]),
                 ("examples: greedy continuations of test toxic prompts", examples),
                 ("validation sweep", sweep_table)])
-    return [probes, detox]
+    if not result.selected:
+        return [probes, detox]
+    return [probes, detox, comparison(bridge, tokenizer, p, data_dir, out, figures, name)]
+
+
+def comparison(bridge, tokenizer, p: dict, data_dir, out: Path, figures: Path,
+               name: str) -> Section:
+    """The published detox edits (AurA, Mean-/Linear-AcT, ITI-c, CAA) next to the selected
+    edit: each swept on validation, each pick tested on the same test prompts."""
+    settings: CompareSettings = p["compare"]
+    detox: DetoxSettings = p["detox"]
+    split = split_rtp(load_rtp(data_dir), detox.fractions, detox.seed)
+    result = compare_edits(bridge, tokenizer, split, settings,
+                           ours=out / "detox" / "selected_edit", data_dir=data_dir,
+                           folder=out / "compare")
+    fig = comparison_figure(result, title=f"{name}: our edit vs the published detox edits")
+    save_figure(fig, figures / "safety_comparison")
+    metrics = ("toxicity_probability", "expected_max_toxicity", "greedy_toxicity")
+    table = []
+    for row in table_rows(result):
+        cells = {"method": row["method"], "edit": row["edit"]}
+        for metric in metrics:
+            after, change = row.get(f"toxic.{metric}"), row.get(f"toxic.{metric}.relative")
+            cells[metric] = format_interval(after) + (
+                "" if change is None or row["method"] == "unedited"
+                else f" ({format_interval(change, percent=True)})")
+        for kind in ("nontoxic", "neutral"):
+            if f"{kind}.fluency_ppl" in row:
+                cells[f"fluency, {kind}"] = format_interval(row[f"{kind}.fluency_ppl"])
+        cells["perplexity ratio"] = round(row["perplexity_ratio"], 3)
+        table.append(cells)
+    choice = result.selected
+    missing = [m for m, pick in result.picks.items() if pick is None]
+    n = result.settings["n_prompts"]
+    print(f"\ncompared on the test prompts ({n}): "
+          + ", ".join(f"{r['method']} {r['toxic.toxicity_probability']['estimate']:.3f}"
+                      for r in table_rows(result) if "toxic.toxicity_probability" in r))
+    return Section(
+        f"Safety: our edit vs the published detox edits ({name})",
+        f"AurA, Mean-AcT, Linear-AcT, ITI-c and CAA (lens_safety.edits.peers, as their papers "
+        f"fit them, at their published strengths) were fitted on {settings.n_train} + "
+        f"{settings.n_train} RTP training prompts and measured on {settings.n_validation} + "
+        f"{settings.n_validation} validation prompts next to the selected edit"
+        + (f" and its combination with each peer's pick" if settings.combine else "")
+        + f"; each method's least toxic point within the same budget was then run through the "
+        f"same test protocol ({n.get('toxic')} toxic + {n.get('nontoxic')} non-toxic prompts"
+        f"{' + ' + str(n['neutral']) + ' neutral openings' if n.get('neutral') else ''}, "
+        f"k = {settings.k}; 95% bootstrap intervals, changes paired against the unedited "
+        f"model). "
+        + (f"No point within the budget on validation: {', '.join(missing)}. " if missing else "")
+        + (f"Selected over every method: <b>{choice['method']}</b> ({choice['edit']})"
+           f"{', a published edit' if choice['peer_wins'] else ''}." if choice else ""),
+        figures=[fig], tables=[("test prompts: every method's pick", table)])
 
 
 def data_checks(data_dir) -> dict:
@@ -502,7 +578,8 @@ def plan(p: dict) -> list[str]:
             f"routed vs removed ({p['head_tasks']})",
             f"attention  {p['compress_model']}: attention patterns",
             f"safety     {p['safety_model']}: probes ({p['safety_per_class'] or 'all'} per "
-            f"class), detox sweep on {d.n_validation or 'all'} RTP prompts, test k = {d.k}"]
+            f"class), detox sweep on {d.n_validation or 'all'} RTP prompts, test k = {d.k}; "
+            f"published edits compared (test k = {p['compare'].k})"]
 
 
 def main(argv=None) -> Path:

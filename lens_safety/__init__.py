@@ -1,10 +1,11 @@
 """lens_safety: harmful directions in the residual stream, found with probes and edited away.
 
 - ``backend``: HookBridge vs TransformerLens (``backend.transformer_lens``) in one place;
-- ``data``: ToxiGen / CrowS-Pairs prompts, RealToxicityPrompts;
+- ``data``: ToxiGen / CrowS-Pairs prompts, RealToxicityPrompts, neutral openings;
 - ``probing``: residual caching, layer probes, directions, the probe study;
 - ``edits``: ``Edit`` (the one activation-edit API), LEACE, the math run inside traces, the
-  published detox edits (``peers``: AurA, Mean-AcT, Linear-AcT, ITI-c, CAA);
+  published detox edits (``peers``: AurA, Mean-AcT, Linear-AcT, ITI-c, CAA), several edits at
+  once (``combined``);
 - ``evaluation``: toxicity scorers, the RTP protocol, statistics, sweeping and selecting edits,
   comparing the published detox edits (``compare``);
 - ``detox``: the end-to-end detoxification study; ``figures``; ``cli`` (``lens-safety``).
@@ -19,8 +20,10 @@ _EXPORTS = {
     "backend": ("block_hooks", "residual_hooks"),
     "backend.transformer_lens": ("hooked_from_hf", "load_hooked"),
     "data.prompts": ("Prompt", "PromptSet"),
+    "data.openings": ("NEUTRAL_OPENINGS", "neutral_openings"),
     "data.rtp": ("RtpPrompt", "RtpSplit", "load_rtp", "split_rtp"),
     "detox": ("DetoxResult", "DetoxSettings", "run_detox_study"),
+    "edits.combined": ("CombinedEdit",),
     "edits.edit": ("HOWS", "RESIDUAL", "Edit"),
     "edits.leace": ("LeaceEraser", "fit_leace"),
     "edits.peers": ("PeerEdit", "fit_peer", "peer_edits"),

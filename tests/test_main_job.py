@@ -97,12 +97,14 @@ def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, d
 
     html = report.read_text()
     # Figures 1 and 2, four for the heads (gates, gradients, training, sweep), two for the head
-    # view, two for the probes, the detox Pareto front
-    assert html.count('class="plotly-graph-div"') == 11
+    # view, two for the probes, the detox Pareto front, the comparison with the published edits
+    assert html.count('class="plotly-graph-div"') == 12
     for title in ("Baseline: tiny-llama", "Figure 1: layer removal", "Figure 2: weight pruning",
                   "Figure 3: routed heads (tiny-qwen3)", "Head view: attention patterns",
                   "Safety: probes", "Safety: detoxification on RealToxicityPrompts",
-                  "expected_max_toxicity", "scorer agreement with Perspective"):
+                  "expected_max_toxicity", "scorer agreement with Perspective",
+                  "Safety: our edit vs the published detox edits", "every method&#x27;s pick",
+                  "Selected over every method"):
         assert title in html
     assert "src=\"http" not in html and "Provenance" in html and "total run time" in html
     # the run time adds up both runs: every attempt of run 1, and the stages run 2 finished
@@ -116,7 +118,8 @@ def test_smoke_run_writes_the_report_and_resumes_without_recomputing(tmp_path, d
     assert "Resumed: this report combines 2 runs" in html
     for stem in ("figure1_layer_removal", "figure2_weight_pruning", "figure3_head_importance",
                  "figure3_head_sweep", "attention_heads", "attention_head_summary",
-                 "safety_probes", "safety_projection_histogram", "safety_pareto"):
+                 "safety_probes", "safety_projection_histogram", "safety_pareto",
+                 "safety_comparison"):
         assert (figures / f"{stem}.html").exists()
 
 
