@@ -465,9 +465,11 @@ def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
                            title=f"{name}: candidate edits on validation RTP prompts")
     save_figure(pareto, figures / "safety_pareto")
     table, examples = detox_tables(result)
+    judged = "non-toxic" if settings.budget_fluency == "nontoxic" else "toxic"
     sweep_table = [{"edit": r["edit"], "toxicity": r["value"],
                     "perplexity": r.get("perplexity"),
-                    "fluency ppl": r.get("greedy_fluency_ppl")} for r in result.rows]
+                    f"fluency ppl ({judged})": r.get("greedy_fluency_ppl")}
+                   for r in result.rows]
     print(f"scorer agreement ({agreement['scorer']} vs Perspective >= 0.5, n={agreement['n']}): "
           f"AUROC {agreement['auroc']:.3f}, Spearman {agreement['spearman']:.3f}")
     print(f"selected edit: {result.selected_edit}")
@@ -475,8 +477,8 @@ def safety(models: Models, p: dict, data_dir, out: Path, figures: Path) -> list[
         print(f"{row['prompts']:<11}{row['metric']:<24}{row['before']:>26}{row['after']:>26}"
               f"{row['change']:>26}")
     budget = (f"WikiText-2 perplexity <= x{settings.max_perplexity_ratio:g} and fluency "
-              f"(perplexity of the continuations under the unedited model) <= "
-              f"x{settings.max_fluency_ratio:g}")
+              f"(perplexity of the continuations of {judged} validation prompts under the "
+              f"unedited model) <= x{settings.max_fluency_ratio:g}")
     chosen = (f"The least toxic edit within the budget is <b>{result.selected_edit}</b>; only "
               f"it was run on the test prompts." if result.selected else
               "No candidate edit stayed within the budget, so none was tested.")

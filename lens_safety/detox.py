@@ -15,7 +15,9 @@ a damaged one is reported in one warning and recomputed):
    tokens after the first, labelled by the continuation's Perspective toxicity >= 0.5).
 4. Candidate edits (source x layer set x how x strength, :func:`edit_grid`), swept on the
    validation toxic prompts in a fast setting (greedy toxicity; ``sweep_k`` samples per prompt
-   for fluency and the expected maximum; WikiText-2 perplexity).
+   for fluency and the expected maximum; WikiText-2 perplexity), and on the validation
+   non-toxic prompts for the fluency budget (``budget_fluency="nontoxic"``, the default: on
+   toxic prompts a less toxic continuation reads as less fluent to the unedited model).
 5. :func:`select_edit` under ``max_perplexity_ratio`` / ``max_fluency_ratio`` /
    ``max_mmlu_drop``; the chosen edit is saved to ``folder/selected_edit``.
 6. The test prompts (toxic and nontoxic) through :func:`rtp_protocol` with ``k`` samples, and
@@ -45,7 +47,8 @@ from .backend import as_lm, dims
 from .data.rtp import RtpSplit, load_rtp, split_rtp
 from .edits.edit import Edit
 from .evaluation.protocol import ProtocolReport, ProtocolSettings, rtp_protocol
-from .evaluation.selection import edit_for, edit_grid, edit_sweep, select_edit
+from .evaluation.selection import (edit_for, edit_grid, edit_sweep, select_edit,
+                                   with_nontoxic_fluency)
 from .evaluation.stats import bootstrap_interval, paired_difference
 from .evaluation.toxicity import scorer_agreement
 from .probing.caching import cache_residuals
@@ -100,6 +103,7 @@ class DetoxSettings:
     max_perplexity_ratio: float = 1.05
     max_fluency_ratio: float = 1.10
     max_mmlu_drop: float | None = None   # needs sweep_mmlu
+    budget_fluency: str = "nontoxic"     # whose fluency the budget reads: nontoxic or toxic
     sweep_mmlu: int | None = None        # MMLU questions per sweep row (None: none)
     k: int = 25
     n_test_toxic: int | None = None      # None: every test prompt
@@ -110,6 +114,11 @@ class DetoxSettings:
     scorer: str = "profanity"
     batch_size: int = 32
     max_new_tokens: int = 20
+
+    def __post_init__(self):
+        if self.budget_fluency not in ("nontoxic", "toxic"):
+            raise UsageError(f"budget_fluency={self.budget_fluency!r}: the budget reads the "
+                             f"fluency of 'nontoxic' (the default) or 'toxic' prompts.")
 
 
 @dataclass
@@ -268,6 +277,13 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
                       window=settings.sweep_window, max_windows=settings.sweep_windows,
                       mmlu=mmlu, batch_size=settings.batch_size, progress=progress,
                       out=None if folder is None else folder / "edit_sweep.jsonl")
+    if settings.budget_fluency == "nontoxic":  # fluency where being less toxic costs nothing
+        nontoxic = edit_sweep(
+            model, tokenizer, candidates,
+            split.texts("validation", "nontoxic", settings.n_validation), settings=fast,
+            scorer=settings.scorer, batch_size=settings.batch_size, progress=progress,
+            out=None if folder is None else folder / "edit_sweep_nontoxic.jsonl")
+        rows = with_nontoxic_fluency(rows, nontoxic)
     lap("sweep")
     row = select_edit(rows, settings.max_perplexity_ratio, settings.max_fluency_ratio,
                       settings.max_mmlu_drop)

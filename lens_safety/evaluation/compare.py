@@ -47,7 +47,7 @@ from ..edits.combined import CombinedEdit
 from ..edits.peers import DEFAULT_STRENGTH, KINDS, PeerEdit, check_kind, fit_peer
 from ..probing.caching import read_tensors, save_tensors
 from .protocol import ProtocolRun, ProtocolSettings, compare, run_protocol
-from .selection import BASELINE, METHOD, edit_sweep, select_edit
+from .selection import BASELINE, METHOD, edit_sweep, select_edit, with_nontoxic_fluency
 from .stats import bootstrap_interval, paired_difference
 from .toxicity import scorer_name
 
@@ -258,24 +258,6 @@ def method_of(row: dict, ours_configs: Sequence[dict] = ()) -> str:
     if row["config"] in ours_configs or row["config"]["how"] == CombinedEdit.how:
         return OURS
     return row["config"]["how"]
-
-
-def with_nontoxic_fluency(rows: Sequence[dict], nontoxic_rows: Sequence[dict]) -> list[dict]:
-    """The toxic-prompt rows with their fluency replaced by the same edit's fluency on the
-    non-toxic prompts (kept as ``toxic_*``): the budget then reads non-toxic fluency, where an
-    edit cannot look less fluent merely by being less toxic."""
-    by_config = {json.dumps(r["config"], sort_keys=True): r for r in nontoxic_rows}
-    out = []
-    for row in rows:
-        other = by_config.get(json.dumps(row["config"], sort_keys=True))
-        row = dict(row)
-        for key in ("fluency_ppl", "greedy_fluency_ppl"):
-            if key in row:
-                row[f"toxic_{key}"] = row[key]
-                if other is not None and key in other:
-                    row[key] = other[key]
-        out.append(row)
-    return out
 
 
 def picks(rows: Sequence[dict], settings: CompareSettings,

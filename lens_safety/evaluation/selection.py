@@ -123,6 +123,24 @@ def edit_sweep(model, tokenizer, candidates: Sequence[Edit], prompts: Sequence[s
     return run_sweep(rows, evaluator, out)
 
 
+def with_nontoxic_fluency(rows: Sequence[dict], nontoxic_rows: Sequence[dict]) -> list[dict]:
+    """The toxic-prompt rows with their fluency replaced by the same edit's fluency on the
+    non-toxic prompts (kept as ``toxic_*``): the budget then reads non-toxic fluency, where an
+    edit cannot look less fluent merely by being less toxic."""
+    by_config = {json.dumps(r["config"], sort_keys=True): r for r in nontoxic_rows}
+    out = []
+    for row in rows:
+        other = by_config.get(json.dumps(row["config"], sort_keys=True))
+        row = dict(row)
+        for key in ("fluency_ppl", "greedy_fluency_ppl"):
+            if key in row:
+                row[f"toxic_{key}"] = row[key]
+                if other is not None and key in other:
+                    row[key] = other[key]
+        out.append(row)
+    return out
+
+
 def within_budget(row: dict, baseline: dict, max_perplexity_ratio: float | None = 1.05,
                   max_fluency_ratio: float | None = 1.10,
                   max_mmlu_drop: float | None = None) -> bool:

@@ -57,12 +57,24 @@ def test_detox_study_selects_within_budget_tests_and_resumes(tiny, data_dir, tmp
     assert toxic["greedy_toxicity"]["before"]["n"] == 4
     assert result.test["perplexity"]["ratio"] > 0 and "mmlu_accuracy" in result.test
     assert len(result.examples) == 4
+    # the fluency budget reads the same edit's fluency on the non-toxic validation prompts
+    nontoxic = {json.dumps(r["config"], sort_keys=True): r for r in map(
+        json.loads, (tmp_path / "edit_sweep_nontoxic.jsonl").read_text().splitlines())}
+    for row in result.rows:
+        other = nontoxic[json.dumps(row["config"], sort_keys=True)]
+        assert row["fluency_ppl"] == other["fluency_ppl"] != row["toxic_fluency_ppl"]
+        assert other["settings"]["n_prompts"] == 6 and other["value"] != row["value"]
     saved = json.loads((tmp_path / "detox_study.json").read_text())
     assert saved["selected"]["config"] == result.selected["config"]
     again = run_detox_study(bridge, tok, TINY, data_dir=data_dir, folder=tmp_path,
                             model_name="tiny-llama", progress=False)
     assert again.report == result.report
     assert np.isfinite(toxic["greedy_toxicity"]["difference"]["estimate"])
+
+
+def test_budget_fluency_must_be_named():
+    with pytest.raises(UsageError, match="budget_fluency='neutral'"):
+        DetoxSettings(budget_fluency="neutral")
 
 
 def test_nothing_within_budget_tests_nothing(tiny, data_dir):
