@@ -205,7 +205,8 @@ def search_candidates(model, tokenizer, split: RtpSplit, settings: CompareSettin
     grid = DetoxSettings(sources=("rtp_prompts",), wheres=settings.search_wheres,
                          hows=settings.search_hows, n_train=settings.n_train,
                          batch_size=settings.batch_size)
-    return candidate_edits(model, tokenizer, split, grid, folder, "model", progress)
+    name = str(model_identity(model).get("name") or "model")
+    return candidate_edits(model, tokenizer, split, grid, folder, name, progress)
 
 
 def combinations(chosen: dict[str, dict | None], by_config: dict[str, Any],
