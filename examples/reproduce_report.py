@@ -513,9 +513,10 @@ def comparison(bridge, tokenizer, p: dict, data_dir, out: Path, figures: Path,
     settings: CompareSettings = p["compare"]
     detox: DetoxSettings = p["detox"]
     split = split_rtp(load_rtp(data_dir), detox.fractions, detox.seed)
+    tested = out / "detox" / "test_protocol.json"  # the detox test: reused, not rerun
     result = compare_edits(bridge, tokenizer, split, settings,
                            ours=out / "detox" / "selected_edit", data_dir=data_dir,
-                           folder=out / "compare")
+                           folder=out / "compare", measured=tested if tested.exists() else None)
     fig = comparison_figure(result, title=f"{name}: our edit vs the published detox edits")
     save_figure(fig, figures / "safety_comparison")
     metrics = ("toxicity_probability", "expected_max_toxicity", "greedy_toxicity")

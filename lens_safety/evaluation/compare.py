@@ -46,7 +46,7 @@ from ..data.rtp import RtpSplit
 from ..edits.combined import CombinedEdit
 from ..edits.peers import DEFAULT_STRENGTH, KINDS, PeerEdit, check_kind, fit_peer
 from ..probing.caching import read_tensors, save_tensors
-from .protocol import ProtocolRun, ProtocolSettings, compare, run_protocol
+from .protocol import ProtocolReport, ProtocolRun, ProtocolSettings, compare, run_protocol
 from .selection import BASELINE, METHOD, edit_sweep, select_edit, with_nontoxic_fluency
 from .stats import bootstrap_interval, paired_difference
 from .toxicity import scorer_name
@@ -296,8 +296,9 @@ class HeldOutEvaluator:
 
     def __init__(self, model, tokenizer, prompts: dict[str, list[str]],
                  protocol: ProtocolSettings, settings: CompareSettings, data_dir,
-                 progress: bool):
+                 progress: bool, measured: ProtocolReport | None = None):
         self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
+        self.measured = measured if reusable(measured, protocol, settings.scorer) else None
         self.protocol, self.settings, self.data_dir = protocol, settings, data_dir
         self.progress = progress
         self.model_identity = model_identity(model)
@@ -312,13 +313,24 @@ class HeldOutEvaluator:
     def identity(self, task: str) -> dict:
         return self._identity
 
+    def _measured(self, kind: str, texts: list[str], edit) -> dict[str, list[float]] | None:
+        """The per-prompt values ``measured`` already holds for this prompt set and condition
+        (the unedited model, or the edit it was run with), else None."""
+        report = self.measured
+        if report is None or kind not in report.before or report.before[kind].prompts != texts:
+            return None
+        if edit is None:
+            return report.before[kind].per_prompt
+        return report.after[kind].per_prompt if str(edit) == report.settings["edit"] else None
+
     def __call__(self, edit, task: str) -> dict[str, Any]:
         self.evaluations += 1
         fields: dict[str, Any] = {"edit": str(edit) if edit is not None else "unedited"}
         for kind, texts in self.prompts.items():
-            run = run_protocol(self.model, self.tokenizer, texts, self.protocol,
-                               self.settings.scorer, edit, progress=self.progress)
-            fields[kind] = run.per_prompt
+            known = self._measured(kind, texts, edit)
+            fields[kind] = known if known is not None else run_protocol(
+                self.model, self.tokenizer, texts, self.protocol, self.settings.scorer, edit,
+                progress=self.progress).per_prompt
         with edit.apply(self.model) if edit is not None else nullcontext():
             lm = as_lm(self.model)
             fields["perplexity"] = perplexity(
@@ -334,6 +346,15 @@ class HeldOutEvaluator:
         fields["value"] = float(np.mean(fields["toxic"].get(
             "toxicity_probability", fields["toxic"].get("greedy_toxicity"))))
         return fields
+
+
+def reusable(report: ProtocolReport | None, protocol: ProtocolSettings, scorer) -> bool:
+    """Whether ``report`` was run with exactly ``protocol`` and ``scorer`` (the same samples,
+    seeds and scores), so that its runs can stand in for generating them again."""
+    if report is None:
+        return False
+    same = all(report.settings.get(k) == v for k, v in protocol.__dict__.items())
+    return same and report.settings.get("scorer") == scorer_name(scorer)
 
 
 def held_out_summary(before: dict, after: dict, seed: int = 0) -> dict[str, Any]:
@@ -357,14 +378,17 @@ def held_out_summary(before: dict, after: dict, seed: int = 0) -> dict[str, Any]
 
 # ---------------------------------------------------------------- the run
 def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings = CompareSettings(),
-                  *, ours=None, data_dir=None, folder=None, progress: bool = True
-                  ) -> ComparisonResult:
+                  *, ours=None, data_dir=None, folder=None, measured=None,
+                  progress: bool = True) -> ComparisonResult:
     """The comparison (see the module doc) on ``model`` (a HookBridge, or a TransformerLens
     model over HF weights). ``ours``: our edit, or several candidates (each an ``Edit``, a
     ``CombinedEdit`` or the folder one was saved in), swept and tested with the peers. With
     ``folder``, fitted states, the sweep rows (``compare_sweep*.jsonl``), the test rows
     (``compare_test.jsonl``) and ``comparison.json`` are written there and a rerun recomputes
-    only what is missing."""
+    only what is missing. ``measured``: a ``ProtocolReport`` (or its JSON file) of one of ours
+    on the same test prompts with the same protocol settings, e.g. the detox study's
+    ``test_protocol.json``: its runs stand in for generating the unedited and that edit's
+    continuations again (the same seeds give the same samples)."""
     folder = None if folder is None else Path(folder)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -422,7 +446,10 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
         prompts["neutral"] = neutral_openings(settings.n_neutral)
     protocol = ProtocolSettings(k=settings.k, max_new_tokens=settings.max_new_tokens,
                                 seed=settings.seed, batch_size=settings.batch_size)
-    evaluator = HeldOutEvaluator(model, tokenizer, prompts, protocol, settings, data_dir, progress)
+    if measured is not None and not isinstance(measured, ProtocolReport):
+        measured = ProtocolReport.from_json(measured)
+    evaluator = HeldOutEvaluator(model, tokenizer, prompts, protocol, settings, data_dir,
+                                 progress, measured)
     test_rows = [SweepRow(BASELINE, {}, lambda: nullcontext(None))]
     test_rows += [SweepRow(TEST_METHOD, {**edit.config, "compared": method},
                            lambda edit=edit: nullcontext(edit))

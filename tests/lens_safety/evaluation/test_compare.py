@@ -195,3 +195,47 @@ def test_cli_compare_says_what_is_wrong_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["detox", "--model", "tiny-llama", "--out", str(tmp_path), "--hows", "aura=1"])
     assert "lens-safety compare --peers aura" in capsys.readouterr().err
+
+
+def test_measured_protocol_stands_in_for_generating_again(tiny, data_dir, tmp_path, monkeypatch):
+    """The detox study's test of our edit (same prompts, same protocol settings) replaces
+    generating the unedited and our continuations again; the numbers are the same."""
+    from lens_safety.evaluation.protocol import ProtocolSettings, rtp_protocol
+
+    model, tokenizer = tiny("tiny-llama")
+    bridge = HookBridge(model, tokenizer)
+    split = split_rtp(load_rtp(data_dir), seed=0)
+    direction = torch.nn.functional.normalize(
+        torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)), dim=0)
+    ours = Edit.from_direction(direction, "subtract", layers=[2], alpha=0.5)
+    small = CompareSettings(kinds=("caa",), strengths=(), combine=(), n_train=4, n_validation=2,
+                            sweep_k=0, sweep_window=16, sweep_windows=1, k=2, n_test_toxic=2,
+                            n_test_nontoxic=2, n_neutral=2, test_window=16, test_windows=1,
+                            test_mmlu=0, max_new_tokens=3, batch_size=8,
+                            max_perplexity_ratio=100.0, max_fluency_ratio=100.0)
+    prompts = {kind: split.texts("test", kind, 2) for kind in ("toxic", "nontoxic")}
+    protocol = ProtocolSettings(k=2, max_new_tokens=3, batch_size=8)
+    report = rtp_protocol(bridge, tokenizer, prompts, protocol, edit=ours, progress=False)
+    report.to_json(tmp_path / "protocol.json")
+
+    plain = compare_edits(bridge, tokenizer, split, small, ours=ours, data_dir=data_dir,
+                          folder=tmp_path / "plain", progress=False)
+    calls = []
+    original = compare_module.run_protocol
+    monkeypatch.setattr(compare_module, "run_protocol",
+                        lambda *a, **k: calls.append((a[2], a[5])) or original(*a, **k))
+    reused = compare_edits(bridge, tokenizer, split, small, ours=ours, data_dir=data_dir,
+                           folder=tmp_path / "reused", measured=tmp_path / "protocol.json",
+                           progress=False)
+    assert json.dumps(reused.test, sort_keys=True) == json.dumps(plain.test, sort_keys=True)
+    # generated again: the neutral openings (unedited, ours) and every prompt set of the peer
+    generated = [(texts, None if edit is None else str(edit)) for texts, edit in calls]
+    assert (prompts["toxic"], None) not in generated
+    assert (prompts["toxic"], str(ours)) not in generated
+    assert len(generated) == 2 + 3 * ("caa" in reused.test)
+    # another protocol (k = 1) is not reused
+    other = rtp_protocol(bridge, tokenizer, prompts, ProtocolSettings(k=1, max_new_tokens=3,
+                                                                     batch_size=8),
+                         edit=ours, progress=False)
+    assert not compare_module.reusable(other, protocol, "profanity")
+    assert compare_module.reusable(report, protocol, "profanity")
