@@ -71,8 +71,8 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                                         test_windows=2, test_mmlu=40),
                     # the published edits at their defaults next to ours (greedy validation;
                     # the detox test's prompts and seeds, so ours reads the same there)
-                    compare=CompareSettings(strengths=(), combine=(), n_train=16,
-                                            n_validation=30, sweep_k=0, k=3, n_test_toxic=45,
+                    compare=CompareSettings(strengths=(), combine=(), n_train=12,
+                                            n_validation=24, sweep_k=0, k=3, n_test_toxic=45,
                                             n_test_nontoxic=15, n_neutral=10, test_windows=2,
                                             test_mmlu=40)),
     "smoke": dict(compress_model="tiny-llama", head_models=["tiny-qwen3"],
