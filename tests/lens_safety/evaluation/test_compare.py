@@ -34,18 +34,24 @@ TINY = CompareSettings(strengths=(("caa", (0.05,)),), top_heads=3, n_train=6, n_
                        search_hows=(("clamp", (0.0,)),), search_wheres=("L1",))
 
 
+def tiny_setup(tiny, data_dir, seed: int):
+    """A tiny Llama, its bridge, the RTP split and our edit: a subtract along a random
+    direction (``seed``) at layer 2."""
+    model, tokenizer = tiny("tiny-llama")
+    split = split_rtp(load_rtp(data_dir), seed=0)
+    direction = torch.nn.functional.normalize(
+        torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(seed)), dim=0)
+    ours = Edit.from_direction(direction, "subtract", layers=[2], alpha=0.5)
+    return model, tokenizer, HookBridge(model, tokenizer), split, ours
+
+
 def key(config):
     return json.dumps(config, sort_keys=True)
 
 
 def test_compare_edits_one_row_per_method_within_budget_and_resumes(tiny, data_dir, tmp_path,
                                                                     monkeypatch):
-    model, tokenizer = tiny("tiny-llama")
-    bridge = HookBridge(model, tokenizer)
-    split = split_rtp(load_rtp(data_dir), seed=0)
-    direction = torch.nn.functional.normalize(
-        torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0)
-    ours = Edit.from_direction(direction, "subtract", layers=[2], alpha=0.5)
+    model, tokenizer, bridge, split, ours = tiny_setup(tiny, data_dir, seed=0)
     calls = {"n": 0}
     for module in (selection, compare_module):
         original = module.run_protocol
@@ -202,12 +208,7 @@ def test_measured_protocol_stands_in_for_generating_again(tiny, data_dir, tmp_pa
     generating the unedited and our continuations again; the numbers are the same."""
     from lens_safety.evaluation.protocol import ProtocolSettings, rtp_protocol
 
-    model, tokenizer = tiny("tiny-llama")
-    bridge = HookBridge(model, tokenizer)
-    split = split_rtp(load_rtp(data_dir), seed=0)
-    direction = torch.nn.functional.normalize(
-        torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)), dim=0)
-    ours = Edit.from_direction(direction, "subtract", layers=[2], alpha=0.5)
+    model, tokenizer, bridge, split, ours = tiny_setup(tiny, data_dir, seed=1)
     small = CompareSettings(kinds=("caa",), strengths=(), combine=(), n_train=4, n_validation=2,
                             sweep_k=0, sweep_window=16, sweep_windows=1, k=2, n_test_toxic=2,
                             n_test_nontoxic=2, n_neutral=2, test_window=16, test_windows=1,
