@@ -14,7 +14,8 @@ hook point, applied per dimension of ``z`` ``[batch, pos, ...]`` with strength `
   ``attn.hook_z`` ``[.., n_heads, d_head]``) or the difference of means.
 
 ``fit_causal`` fits hook points in order, each on activations collected with the earlier
-points' maps already applied (the paper's causal estimation), through any backend. The
+points' maps already applied (the paper's causal estimation), through any backend;
+``fit_causal_in_one_pass`` does the same on a local HookBridge in one forward pass. The
 ``apply_*`` functions use torch only, so they can run inside traces; given the call's
 ``attention_mask`` they leave each row's first real token alone. ``lam = 0`` returns ``z``.
 """
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from pruning_bridge.bridge.remote import send_by_value
 from pruning_bridge.common.errors import UsageError
 
-from .activation_stats import keep_first_token
+from .activation_stats import TokenReservoir, keep_first_token, pool_activations, tokenize_padded
 
 State = dict[str, Tensor]
 
@@ -255,6 +256,54 @@ def fit_causal(steps: Sequence[str | Sequence[str]],
         for name in group:
             states[name] = fit(*collected[name])
     return states
+
+
+@torch.no_grad()
+def fit_causal_in_one_pass(bridge, source: Sequence[str], target: Sequence[str],
+                           names: Sequence[str], fit: Callable[[Tensor, Tensor], State],
+                           apply: Callable[..., Tensor], *, pool: str = "tokens",
+                           skip_first: bool = True, max_length: int | None = 128,
+                           max_tokens: int | None = None, seed: int = 0,
+                           **apply_kwargs) -> dict[str, State]:
+    """``fit_causal`` of ``names`` step after step, in one forward pass instead of one per step.
+
+    ``source`` and ``target`` texts run through the local ``bridge`` as one batch. At each hook
+    point, as the forward reaches it (model order), each class's activations are pooled as
+    ``collect_activations`` pools them (the same tokens kept under ``max_tokens``), ``fit``
+    gives the state, and ``apply(z, **state, **apply_kwargs)`` edits the batch before the
+    forward moves on: every point is fitted with the earlier points' maps in place. Equal to
+    the step-by-step fit on a batch holding both classes, up to float rounding from padding the
+    two classes together."""
+    names = list(dict.fromkeys(names))
+    if getattr(bridge, "remote", None) is not None:
+        raise ActError("Fitting in one pass runs the fit inside the forward: use a local "
+                       "bridge, or fit_causal step after step on a remote one.")
+    if not names:
+        raise ActError("Give at least one hook name to fit.")
+    source, target = list(source), list(target)
+    bridge.resolve(names)
+    ids, mask = tokenize_padded(bridge.tokenizer, source + target, "right", max_length)
+    split = len(source)
+    states: dict[str, State] = {}
+
+    def hook_for(name: str):
+        def hook(z: Tensor, hook=None) -> Tensor:
+            classes = []
+            for rows in (slice(0, split), slice(split, None)):
+                pooled = pool_activations(z[rows], mask[rows], pool, skip_first).float().cpu()
+                if max_tokens is not None:
+                    pooled = TokenReservoir(max_tokens, seed).add({name: pooled})[name]
+                classes.append(pooled)
+            states[name] = fit(*classes)
+            return apply(z, **states[name], **apply_kwargs, attention_mask=mask)
+        return hook
+
+    with bridge.hooks([(name, hook_for(name)) for name in names]):
+        bridge.forward(ids, attention_mask=mask, logits=False)
+    missing = [name for name in names if name not in states]
+    if missing:
+        raise ActError(f"The forward pass never reached {missing}.")
+    return {name: states[name] for name in names}
 
 
 def bridge_applier(bridge, apply: Callable[..., Tensor], **kwargs

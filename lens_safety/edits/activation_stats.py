@@ -96,7 +96,7 @@ def pool_activations(activation: Tensor, attention_mask: Tensor, pool: Pool,
     return torch.where(weights, activation, low).amax(dim=1)
 
 
-class _TokenReservoir:
+class TokenReservoir:
     """A seeded uniform subsample of at most ``cap`` tokens from a stream of batches: each token
     draws a random key and the ``cap`` smallest keys are kept (memory: cap + one batch)."""
 
@@ -129,7 +129,8 @@ class _TokenReservoir:
         return kept
 
 
-def _tokenize(tokenizer, texts: list[str], padding_side: str, max_length: int | None):
+def tokenize_padded(tokenizer, texts: list[str], padding_side: str, max_length: int | None
+                    ) -> tuple[Tensor, Tensor]:
     """Ids and mask padded on ``padding_side``; the tokenizer is left as it was."""
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = padding_side
@@ -187,11 +188,11 @@ def collect_activations(bridge, texts: Sequence[str], names: Sequence[str] | str
 
     starts = range(0, len(texts), batch_size)
     show = len(starts) > 4 if progress is None else progress
-    reservoir = _TokenReservoir(max_tokens, seed) if max_tokens is not None else None
+    reservoir = TokenReservoir(max_tokens, seed) if max_tokens is not None else None
     pooled: dict[str, list[Tensor]] = {name: [] for name in names}
     kept: dict[str, Tensor] = {}
     for start in tqdm(starts, desc=f"activations ({pool})", disable=not show, leave=False):
-        ids, mask = _tokenize(tokenizer, texts[start:start + batch_size], padding_side,
+        ids, mask = tokenize_padded(tokenizer, texts[start:start + batch_size], padding_side,
                               max_length)
         _, cache = bridge.forward(ids, attention_mask=mask, names=names, logits=False)
         rows = {name: pool_activations(cache[name], mask, pool, skip_first).float().cpu()

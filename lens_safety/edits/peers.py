@@ -14,7 +14,8 @@ Each kind as its paper (and its reference code, apple/ml-aura and apple/ml-act) 
   affine 1-D optimal-transport map from toxic to non-toxic, on mean-pooled sentences (ml-act's
   ``pooling_op: mean``; ``pool="tokens"`` for per-token statistics), at the layer norms'
   outputs (``ln1`` / ``ln2.hook_normalized``), fitted causally (ml-act's ``incremental:
-  incr``: each hook point on activations collected with the earlier points' maps applied).
+  incr``: each hook point on activations collected with the earlier points' maps applied;
+  in one forward pass when both classes fit in one batch of ``batch_size``).
   Linear-AcT's slope is ml-act's centred estimator ``w = cov(a, b) / var(a)`` over the
   coupling of the sorted samples (not the uncentred ``sum a b / sum a^2``) and acts inside the
   source's min..max (``q_0_100``); strength ``lam = 1``.
@@ -53,6 +54,7 @@ from .act import (
     apply_steering,
     bridge_applier,
     fit_causal,
+    fit_causal_in_one_pass,
     fit_linear_act,
     fit_mean_act,
     fit_steering,
@@ -237,12 +239,17 @@ def fit_peer(kind: str, model, positive: Sequence[str], negative: Sequence[str],
     def fit(toxic: Tensor, nontoxic: Tensor) -> dict[str, Tensor]:
         return _fit_one(kind, toxic, nontoxic, seed)
 
-    applied = None
-    if causal:
-        apply = apply_linear_act if kind == "linear_act" else apply_mean_act
-        applied = bridge_applier(bridge, apply, lam=1.0)
-    steps = names if causal else [names]
-    states = fit_causal(steps, collect, fit, applied, progress=progress)
+    apply = apply_linear_act if kind == "linear_act" else apply_mean_act
+    if causal and bridge.remote is None and len(positive) + len(negative) <= batch_size:
+        # every text in one batch: one forward fits every point causally (not one per point)
+        states = fit_causal_in_one_pass(
+            bridge, positive, negative, names, fit, apply, lam=1.0, pool=pool,
+            skip_first=skip_first, max_length=max_length, max_tokens=options["max_tokens"],
+            seed=seed)
+    else:
+        applied = bridge_applier(bridge, apply, lam=1.0) if causal else None
+        states = fit_causal(names if causal else [names], collect, fit, applied,
+                            progress=progress)
     if kind == "iti_c":
         _top_heads(states, top_heads)
     return {f"{name}.{key}": value.detach().to(torch.float32).contiguous()

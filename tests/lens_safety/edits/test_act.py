@@ -13,6 +13,7 @@ from lens_safety.edits.act import (
     apply_steering,
     bridge_applier,
     fit_causal,
+    fit_causal_in_one_pass,
     fit_linear_act,
     fit_mean_act,
     fit_steering,
@@ -216,6 +217,42 @@ def test_causal_fit_equals_two_step_fit(gpt2):
     for key in ("w", "b", "low", "high"):
         torch.testing.assert_close(causal[names[0]][key], first[key], atol=0, rtol=0)
         torch.testing.assert_close(causal[names[1]][key], second[key], atol=0, rtol=0)
+
+
+def test_one_pass_fit_equals_the_two_step_fit_by_hand(gpt2):
+    """Per token, capped at 20 tokens per class: the one-pass fit keeps the same tokens and
+    gives the hand-written two-step fit (the second point under the first one's map) in one
+    forward pass."""
+    _, _, bridge = gpt2
+    names = ["blocks.0.ln2.hook_normalized", "blocks.2.ln2.hook_normalized"]
+    options = dict(pool="tokens", max_tokens=20, seed=3, batch_size=16)
+
+    def collect(name):
+        source = collect_activations(bridge, SOURCE, [name], **options)[name]
+        return source, collect_activations(bridge, TARGET, [name], **options)[name]
+
+    first = fit_linear_act(*collect(names[0]))
+
+    def layer0(z, hook):
+        return apply_linear_act(z, **first, lam=1.0, attention_mask=bridge.input_mask)
+
+    with bridge.hooks([(names[0], layer0)]):
+        second = fit_linear_act(*collect(names[1]))
+    forwards = []
+    original = bridge.forward
+    bridge.forward = lambda *a, **k: forwards.append(1) or original(*a, **k)
+    try:
+        states = fit_causal_in_one_pass(bridge, SOURCE, TARGET, names, fit_linear_act,
+                                        apply_linear_act, lam=1.0, pool="tokens",
+                                        max_tokens=20, seed=3)
+    finally:
+        del bridge.forward
+    assert len(forwards) == 1
+    for name, expected in zip(names, (first, second)):
+        for key, value in expected.items():
+            torch.testing.assert_close(states[name][key], value, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ActError, match="at least one hook"):
+        fit_causal_in_one_pass(bridge, SOURCE, TARGET, [], fit_mean_act, apply_mean_act)
 
 
 def test_bad_inputs():

@@ -6,7 +6,7 @@ import torch
 
 from lens_safety.edits.activation_stats import (
     ActivationStatsError,
-    _TokenReservoir,
+    TokenReservoir,
     collect_activations,
     pool_activations,
 )
@@ -126,7 +126,7 @@ def test_reservoir_is_uniform():
     n, cap, seeds = 40, 10, 600
     counts = torch.zeros(n)
     for seed in range(seeds):
-        reservoir = _TokenReservoir(cap, seed)
+        reservoir = TokenReservoir(cap, seed)
         for start in range(0, n, 7):  # uneven batches
             kept = reservoir.add({"x": torch.arange(start, min(n, start + 7)).float()[:, None]})
         counts[kept["x"].long().flatten()] += 1

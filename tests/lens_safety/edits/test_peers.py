@@ -181,14 +181,16 @@ def test_aura_state_equals_fit_aura_on_plain_max_pooled_activations(models):
         assert any(bool((s["factors"] < 1).any()) for s in state.values())
 
 
-def test_transport_maps_are_fitted_causally_as_by_hand(models):
+@pytest.mark.parametrize("batch_size", [8, 16], ids=["step_by_step", "one_pass"])
+def test_transport_maps_are_fitted_causally_as_by_hand(models, batch_size):
     """Linear-AcT and Mean-AcT at ln2.hook_normalized of layers 0 and 2, mean-pooled: layer 0
-    on the unedited model, layer 2 with layer 0's map applied by a plain hook."""
+    on the unedited model, layer 2 with layer 0's map applied by a plain hook; fitted point by
+    point (8 + 8 texts in batches of 8) and in one forward pass (all in one batch of 16)."""
     model, tokenizer, bridge = models["tiny-gpt2"]
     names = ["blocks.0.ln2.hook_normalized", "blocks.2.ln2.hook_normalized"]
     for kind, fit in (("linear_act", fit_linear_act), ("mean_act", fit_mean_act)):
         state = by_hook(fit_peer(kind, bridge, TOXIC, NONTOXIC, where=["ln2.hook_normalized"],
-                                 layers=[2, 0]))
+                                 layers=[2, 0], batch_size=batch_size))
         assert list(state) == names
         toxic, _ = plain_run(model, tokenizer, TOXIC, names[:1])
         nontoxic, _ = plain_run(model, tokenizer, NONTOXIC, names[:1])
