@@ -66,12 +66,12 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                     safety_per_class=100,
                     detox=DetoxSettings(sources=("rtp_prompts",),
                                         wheres=("last_fifth", "late_window"),
-                                        hows=(("clamp", (0.0, 0.25)),), n_validation=30,
+                                        hows=(("clamp", (0.0,)),), n_validation=60,
                                         sweep_k=0, k=3, n_test_toxic=45, n_test_nontoxic=15,
                                         test_windows=2, test_mmlu=40),
                     # the published edits at their defaults next to ours (greedy validation;
                     # the detox test's prompts and seeds, so ours reads the same there)
-                    compare=CompareSettings(strengths=(), combine=(), n_train=12,
+                    compare=CompareSettings(strengths=(), combine=(), n_train=16,
                                             n_validation=24, sweep_k=0, k=3, n_test_toxic=45,
                                             n_test_nontoxic=15, n_neutral=10, test_windows=2,
                                             test_mmlu=40)),
@@ -513,10 +513,11 @@ def comparison(bridge, tokenizer, p: dict, data_dir, out: Path, figures: Path,
     settings: CompareSettings = p["compare"]
     detox: DetoxSettings = p["detox"]
     split = split_rtp(load_rtp(data_dir), detox.fractions, detox.seed)
-    tested = out / "detox" / "test_protocol.json"  # the detox test: reused, not rerun
+    tested = out / "detox"  # the detox study's test (runs, perplexity, MMLU): reused, not rerun
     result = compare_edits(bridge, tokenizer, split, settings,
-                           ours=out / "detox" / "selected_edit", data_dir=data_dir,
-                           folder=out / "compare", measured=tested if tested.exists() else None)
+                           ours=tested / "selected_edit", data_dir=data_dir,
+                           folder=out / "compare",
+                           measured=tested if (tested / "test_protocol.json").exists() else None)
     fig = comparison_figure(result, title=f"{name}: our edit vs the published detox edits")
     save_figure(fig, figures / "safety_comparison")
     metrics = ("toxicity_probability", "expected_max_toxicity", "greedy_toxicity")

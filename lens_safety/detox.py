@@ -38,14 +38,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from pruning_bridge.common import JsonDataclass, UsageError
-from pruning_bridge.common.identity import model_identity
+from pruning_bridge.common.atomic import write_json_atomic
+from pruning_bridge.common.identity import weights_identity
 from pruning_bridge.common.jsonable import read_json
-from pruning_bridge.evals import mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_wikitext2
 
-from .backend import as_lm, dims
+from .backend import dims
 from .data.rtp import RtpSplit, load_rtp, split_rtp
 from .edits.edit import Edit
+from .evaluation.held_out import held_out_identity, held_out_values, text_prefix
 from .evaluation.protocol import ProtocolReport, ProtocolSettings, rtp_protocol
 from .evaluation.selection import (edit_for, edit_grid, edit_sweep, select_edit,
                                    with_nontoxic_fluency)
@@ -180,39 +181,40 @@ def _paired(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
 
 
 def _extras(model, tokenizer, edit: Edit, report: ProtocolReport, settings: DetoxSettings,
-            data_dir, probe_study, progress: bool) -> dict[str, Any]:
-    """Perplexity, MMLU and the probe's harmful score, before and under ``edit``."""
+            data_dir, probe_study, progress: bool
+            ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Perplexity, MMLU and the probe's harmful score, before and under ``edit``: their
+    summary, and the values per side (``perplexity``, ``mmlu_correct`` per question, ``probe``
+    per prompt)."""
     out: dict[str, Any] = {}
-    text = load_wikitext2("test", data_dir)
+    text = text_prefix(tokenizer, load_wikitext2("test", data_dir), settings.test_window,
+                       settings.test_windows)
     values = {}
     for side in ("before", "after"):
-        with edit.apply(model) if side == "after" else nullcontext():
-            lm = as_lm(model)
-            values[side] = {"perplexity": perplexity(
-                lm, tokenizer, text, window=settings.test_window,
-                max_windows=settings.test_windows, batch_size=1, progress=progress).value}
-            if settings.test_mmlu:
-                result = mmlu_accuracy(lm, tokenizer, limit=settings.test_mmlu,
-                                       data_dir=data_dir, batch_size=settings.batch_size // 4,
+        values[side] = held_out_values(model, tokenizer, edit if side == "after" else None,
+                                       text, window=settings.test_window,
+                                       windows=settings.test_windows, mmlu=settings.test_mmlu,
+                                       batch_size=settings.batch_size, data_dir=data_dir,
                                        progress=progress)
-                values[side]["mmlu"] = [float(r["correct"]) for r in result.records]
-            if probe_study is not None:
-                run = getattr(report, side)["toxic"]
-                layer, probe = probe_study.best_layer, probe_study.binary
-                acts = cache_residuals(model, tokenizer,
-                                       [p + c for p, c in zip(run.prompts, run.greedy)],
-                                       hook=probe_study.settings.hook,
-                                       pool=probe_study.settings.pool, layers=[layer],
-                                       batch_size=settings.batch_size, progress=False)[0]
-                values[side]["probe"] = harmful_probability(probe, acts, layer).tolist()
+        if probe_study is None:
+            continue
+        run, layer = getattr(report, side)["toxic"], probe_study.best_layer
+        with edit.apply(model) if side == "after" else nullcontext():
+            acts = cache_residuals(model, tokenizer,
+                                   [p + c for p, c in zip(run.prompts, run.greedy)],
+                                   hook=probe_study.settings.hook, pool=probe_study.settings.pool,
+                                   layers=[layer], batch_size=settings.batch_size,
+                                   progress=False)[0]
+        values[side]["probe"] = harmful_probability(probe_study.binary, acts, layer).tolist()
     out["perplexity"] = {"before": values["before"]["perplexity"],
                          "after": values["after"]["perplexity"],
                          "ratio": values["after"]["perplexity"] / values["before"]["perplexity"]}
-    if "mmlu" in values["before"]:
-        out["mmlu_accuracy"] = _paired(values["before"]["mmlu"], values["after"]["mmlu"])
+    if "mmlu_correct" in values["before"]:
+        out["mmlu_accuracy"] = _paired(values["before"]["mmlu_correct"],
+                                       values["after"]["mmlu_correct"])
     if "probe" in values["before"]:
         out["probe_harmful_toxic"] = _paired(values["before"]["probe"], values["after"]["probe"])
-    return out
+    return out, values
 
 
 def examples(report: ProtocolReport, n: int = 5) -> list[dict[str, Any]]:
@@ -247,7 +249,7 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
     """The study (see the module doc) on ``model`` (a HookBridge or a TransformerLens model)."""
     folder = None if folder is None else Path(folder)
     result_path = None if folder is None else folder / "detox_study.json"
-    identity = {k: v for k, v in model_identity(model).items() if k != "name"}
+    identity = weights_identity(model)
     fingerprint = {**asdict(settings), "model": model_name, "model_identity": identity,
                    "data": str(data_dir) if data_dir else "hub"}
     if result_path is not None and result_path.exists():
@@ -273,7 +275,9 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
             else None)
     rows = edit_sweep(model, tokenizer, candidates,
                       split.texts("validation", "toxic", settings.n_validation), settings=fast,
-                      scorer=settings.scorer, perplexity_text=load_wikitext2("test", data_dir),
+                      scorer=settings.scorer,
+                      perplexity_text=text_prefix(tokenizer, load_wikitext2("test", data_dir),
+                                                  settings.sweep_window, settings.sweep_windows),
                       window=settings.sweep_window, max_windows=settings.sweep_windows,
                       mmlu=mmlu, batch_size=settings.batch_size, progress=progress,
                       out=None if folder is None else folder / "edit_sweep.jsonl")
@@ -303,8 +307,13 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
         if folder is not None:
             report.to_json(folder / "test_protocol.json")
         result.report = report.summary
-        result.test = _extras(model, tokenizer, edit, report, settings, data_dir, probe_study,
-                              progress)
+        result.test, values = _extras(model, tokenizer, edit, report, settings, data_dir,
+                                      probe_study, progress)
+        if folder is not None:  # for compare_edits(measured=folder): not computed again
+            identity = held_out_identity(model, settings.test_window, settings.test_windows,
+                                         settings.test_mmlu, settings.batch_size, data_dir)
+            write_json_atomic(folder / "test_extras.json",
+                              {"edit": str(edit), "identity": identity, **values})
         result.examples = examples(report)
         lap("test_extras")
     if result_path is not None:

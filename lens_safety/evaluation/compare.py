@@ -35,17 +35,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from pruning_bridge.common import JsonDataclass, UsageError
-from pruning_bridge.common.identity import model_identity
+from pruning_bridge.common.jsonable import read_json
+from pruning_bridge.common.identity import model_identity, weights_identity
 from pruning_bridge.common.sweep import SweepRow, run_sweep
-from pruning_bridge.evals import mmlu_accuracy, perplexity
 from pruning_bridge.evals.data import load_wikitext2
 
-from ..backend import as_lm, hf_model, is_bridge
+from ..backend import hf_model, is_bridge
 from ..data.openings import neutral_openings
 from ..data.rtp import RtpSplit
 from ..edits.combined import CombinedEdit
 from ..edits.peers import DEFAULT_STRENGTH, KINDS, PeerEdit, check_kind, fit_peer
 from ..probing.caching import read_tensors, save_tensors
+from .held_out import held_out_identity, held_out_values, text_prefix
 from .protocol import ProtocolReport, ProtocolRun, ProtocolSettings, compare, run_protocol
 from .selection import BASELINE, METHOD, edit_sweep, select_edit, with_nontoxic_fluency
 from .stats import bootstrap_interval, paired_difference
@@ -156,7 +157,7 @@ def fit_peers(model, tokenizer, split: RtpSplit, settings: CompareSettings,
     toxic = split.texts("train", "toxic", settings.n_train)
     nontoxic = split.texts("train", "nontoxic", settings.n_train)
     bridge = _fit_model(model, tokenizer)
-    identity = {k: v for k, v in model_identity(bridge).items() if k != "name"}
+    identity = weights_identity(bridge)
     edits, seconds = {}, {}
     for kind in settings.kinds:
         options = dict(layers=None if settings.layers is None else list(settings.layers),
@@ -234,22 +235,6 @@ def _digest(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:12]
 
 
-def text_prefix(tokenizer, text: str, window: int, max_windows: int | None,
-                margin: int = 64) -> str:
-    """The start of ``text`` that holds the first ``window * max_windows`` tokens and ``margin``
-    more: the perplexity windows cut from it are those of the whole text (tokenizing all of
-    WikiText-2 for every row would cost seconds each). The whole text when not limited."""
-    if max_windows is None:
-        return text
-    need = window * max_windows + margin
-    end = 0
-    for step in (4, 16, 64):  # characters per token, generously: grow until enough tokens
-        end = min(len(text), need * step)
-        if end == len(text) or len(tokenizer(text[:end])["input_ids"]) > need:
-            break
-    return text[:end] if len(tokenizer(text[:end])["input_ids"]) > need else text
-
-
 # ---------------------------------------------------------------- choosing on validation
 def method_of(row: dict, ours_configs: Sequence[dict] = ()) -> str:
     """The method a sweep row belongs to: a peer kind, ``ours`` (one of ``ours_configs``, or a
@@ -296,9 +281,14 @@ class HeldOutEvaluator:
 
     def __init__(self, model, tokenizer, prompts: dict[str, list[str]],
                  protocol: ProtocolSettings, settings: CompareSettings, data_dir,
-                 progress: bool, measured: ProtocolReport | None = None):
+                 progress: bool, measured: ProtocolReport | None = None,
+                 extras: dict[str, Any] | None = None):
         self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
-        self.measured = measured if reusable(measured, protocol, settings.scorer) else None
+        self.measured = measured if reusable(measured, protocol, settings.scorer,
+                                             model) else None
+        identity = held_out_identity(model, settings.test_window, settings.test_windows,
+                                     settings.test_mmlu, settings.batch_size, data_dir)
+        self.extras = extras if extras and extras.get("identity") == identity else None
         self.protocol, self.settings, self.data_dir = protocol, settings, data_dir
         self.progress = progress
         self.model_identity = model_identity(model)
@@ -323,6 +313,15 @@ class HeldOutEvaluator:
             return report.before[kind].per_prompt
         return report.after[kind].per_prompt if str(edit) == report.settings["edit"] else None
 
+    def _known_extras(self, edit) -> dict[str, Any] | None:
+        """Perplexity and MMLU correctness the detox study's test already measured for this
+        condition with the same settings, else None."""
+        if self.extras is None:
+            return None
+        if edit is None:
+            return self.extras["before"]
+        return self.extras["after"] if str(edit) == self.extras["edit"] else None
+
     def __call__(self, edit, task: str) -> dict[str, Any]:
         self.evaluations += 1
         fields: dict[str, Any] = {"edit": str(edit) if edit is not None else "unedited"}
@@ -331,30 +330,46 @@ class HeldOutEvaluator:
             fields[kind] = known if known is not None else run_protocol(
                 self.model, self.tokenizer, texts, self.protocol, self.settings.scorer, edit,
                 progress=self.progress).per_prompt
-        with edit.apply(self.model) if edit is not None else nullcontext():
-            lm = as_lm(self.model)
-            fields["perplexity"] = perplexity(
-                lm, self.tokenizer, self.text,
-                window=self.settings.test_window, max_windows=self.settings.test_windows,
-                batch_size=1, progress=False).value
+        known = self._known_extras(edit)
+        if known is not None:
+            fields["perplexity"] = known["perplexity"]
             if self.settings.test_mmlu:
-                result = mmlu_accuracy(lm, self.tokenizer, limit=self.settings.test_mmlu,
-                                       data_dir=self.data_dir,
-                                       batch_size=max(1, self.settings.batch_size // 4),
-                                       progress=False)
-                fields["mmlu_correct"] = [float(r["correct"]) for r in result.records]
+                fields["mmlu_correct"] = known["mmlu_correct"]
+        else:
+            fields.update(held_out_values(
+                self.model, self.tokenizer, edit, self.text, window=self.settings.test_window,
+                windows=self.settings.test_windows, mmlu=self.settings.test_mmlu,
+                batch_size=self.settings.batch_size, data_dir=self.data_dir))
         fields["value"] = float(np.mean(fields["toxic"].get(
             "toxicity_probability", fields["toxic"].get("greedy_toxicity"))))
         return fields
 
-
-def reusable(report: ProtocolReport | None, protocol: ProtocolSettings, scorer) -> bool:
-    """Whether ``report`` was run with exactly ``protocol`` and ``scorer`` (the same samples,
-    seeds and scores), so that its runs can stand in for generating them again."""
+def reusable(report: ProtocolReport | None, protocol: ProtocolSettings, scorer,
+             model) -> bool:
+    """Whether ``report`` was run on ``model`` (the same weights) with exactly ``protocol``
+    and ``scorer`` (the same samples, seeds and scores), so that its runs can stand in for
+    generating them again."""
     if report is None:
         return False
     same = all(report.settings.get(k) == v for k, v in protocol.__dict__.items())
-    return same and report.settings.get("scorer") == scorer_name(scorer)
+    return (same and report.settings.get("scorer") == scorer_name(scorer)
+            and report.settings.get("model") == weights_identity(model))
+
+
+def load_measured(measured) -> tuple[ProtocolReport | None, dict[str, Any] | None]:
+    """``measured`` as (protocol report, held-out values): a ``ProtocolReport``, its JSON file,
+    or a detox study's folder (its ``test_protocol.json`` and ``test_extras.json``)."""
+    if measured is None or isinstance(measured, ProtocolReport):
+        return measured, None
+    path = Path(measured)
+    if not path.is_dir():
+        return ProtocolReport.from_json(path), None
+    if not (path / "test_protocol.json").exists():
+        raise CompareError(f"measured={path}: no test_protocol.json there; give a detox "
+                           f"study's folder (run_detox_study(..., folder=...)).")
+    extras = path / "test_extras.json"
+    return (ProtocolReport.from_json(path / "test_protocol.json"),
+            read_json(extras, "Rerun the detox study.") if extras.exists() else None)
 
 
 def held_out_summary(before: dict, after: dict, seed: int = 0) -> dict[str, Any]:
@@ -386,9 +401,10 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
     ``folder``, fitted states, the sweep rows (``compare_sweep*.jsonl``), the test rows
     (``compare_test.jsonl``) and ``comparison.json`` are written there and a rerun recomputes
     only what is missing. ``measured``: a ``ProtocolReport`` (or its JSON file) of one of ours
-    on the same test prompts with the same protocol settings, e.g. the detox study's
-    ``test_protocol.json``: its runs stand in for generating the unedited and that edit's
-    continuations again (the same seeds give the same samples)."""
+    on the same model and test prompts with the same protocol settings, or a detox study's
+    folder: its runs stand in for generating the unedited and that edit's continuations again
+    (the same seeds give the same samples), and the study's perplexity and MMLU values (same
+    settings) for computing them again."""
     folder = None if folder is None else Path(folder)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -446,10 +462,9 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
         prompts["neutral"] = neutral_openings(settings.n_neutral)
     protocol = ProtocolSettings(k=settings.k, max_new_tokens=settings.max_new_tokens,
                                 seed=settings.seed, batch_size=settings.batch_size)
-    if measured is not None and not isinstance(measured, ProtocolReport):
-        measured = ProtocolReport.from_json(measured)
+    measured, extras = load_measured(measured)
     evaluator = HeldOutEvaluator(model, tokenizer, prompts, protocol, settings, data_dir,
-                                 progress, measured)
+                                 progress, measured, extras)
     test_rows = [SweepRow(BASELINE, {}, lambda: nullcontext(None))]
     test_rows += [SweepRow(TEST_METHOD, {**edit.config, "compared": method},
                            lambda edit=edit: nullcontext(edit))

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pruning_bridge.common import JsonDataclass, UsageError, model_device
+from pruning_bridge.common.identity import weights_identity
 from pruning_bridge.common.jsonable import read_json
 
 from ..backend import as_lm, is_bridge
@@ -292,4 +293,5 @@ def rtp_protocol(model, tokenizer, prompts: Mapping[str, Sequence[str]] | Sequen
     return ProtocolReport(summary, before, after, settings={
         **settings.__dict__, "scorer": scorer_name(scorer),
         "edit": str(edit) if edit is not None else None,
-        "n_prompts": {k: len(v) for k, v in prompts.items()}})
+        "n_prompts": {k: len(v) for k, v in prompts.items()}, "model": weights_identity(model)})
+

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from pruning_bridge.common import UsageError, check_layers, left_pad, model_device
 from pruning_bridge.common.atomic import atomic_path
-from pruning_bridge.common.identity import model_identity
+from pruning_bridge.common.identity import weights_identity
 
 from ..backend import dims, run_with_cache
 from ..edits.trace_math import pool_batch
@@ -132,7 +132,7 @@ def _fingerprint(model, tokenizer, texts: Sequence[str], hook: str, pool: str,
     """What a stored cache must match: settings, texts, tokenizer and the model (a fingerprint
     of all its weights, its dtype and device class: a pruned or edited copy is another model)."""
     texts_hash = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
-    model_key = {k: v for k, v in model_identity(model).items() if k != "name"}
+    model_key = weights_identity(model)
     return {"hook": hook, "pool": pool, "layers": json.dumps(layers),
             "max_length": str(max_length), "n_texts": str(len(texts)), "texts_sha256": texts_hash,
             "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,

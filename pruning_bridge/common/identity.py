@@ -67,3 +67,8 @@ def model_identity(model) -> dict[str, str]:
             "dtype": str(first.dtype).removeprefix("torch.") if first is not None else "none",
             "device": first.device.type if first is not None else "cpu"}
 
+
+def weights_identity(model) -> dict[str, str]:
+    """``model_identity`` without the name (weights digest, dtype, device): what decides
+    whether saved results of a model can stand in for running it again."""
+    return {k: v for k, v in model_identity(model).items() if k != "name"}

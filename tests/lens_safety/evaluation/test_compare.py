@@ -4,12 +4,14 @@ checked here by hand from the sweep rows), our pick combined with each peer's pi
 round, the overall selection, neutral openings in the test, a rerun that recomputes nothing,
 and the selection rules on hand-made rows."""
 
+import copy
 import json
 
 import pytest
 import torch
 
 from lens_safety.data.rtp import load_rtp, split_rtp
+from lens_safety.detox import DetoxSettings, run_detox_study
 from lens_safety.edits.edit import Edit
 from lens_safety.edits.peers import KINDS, PeerError
 from lens_safety.evaluation import compare as compare_module
@@ -163,7 +165,7 @@ def test_bad_settings():
 
 
 def test_text_prefix_keeps_the_perplexity_windows(tiny, data_dir):
-    from lens_safety.evaluation.compare import text_prefix
+    from lens_safety.evaluation.held_out import text_prefix
     from pruning_bridge.evals import perplexity
     from pruning_bridge.evals.data import load_wikitext2
 
@@ -238,5 +240,48 @@ def test_measured_protocol_stands_in_for_generating_again(tiny, data_dir, tmp_pa
     other = rtp_protocol(bridge, tokenizer, prompts, ProtocolSettings(k=1, max_new_tokens=3,
                                                                      batch_size=8),
                          edit=ours, progress=False)
-    assert not compare_module.reusable(other, protocol, "profanity")
-    assert compare_module.reusable(report, protocol, "profanity")
+    assert not compare_module.reusable(other, protocol, "profanity", bridge)
+    assert compare_module.reusable(report, protocol, "profanity", bridge)
+    # nor another model's runs (other weights)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.lm_head.weight[0, 0] += 1e-3
+    assert not compare_module.reusable(report, protocol, "profanity",
+                                       HookBridge(changed, tokenizer))
+
+
+def test_detox_folder_stands_in_for_the_test_and_its_perplexity_and_mmlu(
+        tiny, data_dir, tmp_path, monkeypatch):
+    """compare_edits(measured=<detox study folder>): the study's test runs, perplexity and
+    MMLU values of the unedited model and its selected edit are reused, not computed again;
+    the comparison is the same as computing everything."""
+    model, tokenizer, bridge, split, _ = tiny_setup(tiny, data_dir, seed=2)
+    common = dict(k=2, n_test_toxic=2, n_test_nontoxic=2, test_window=16, test_windows=1,
+                  test_mmlu=3, max_new_tokens=3, batch_size=8, sweep_k=0, sweep_window=16,
+                  sweep_windows=1, n_validation=2, max_perplexity_ratio=100.0,
+                  max_fluency_ratio=100.0)
+    detox = DetoxSettings(sources=("rtp_prompts",), wheres=("L1",), hows=(("clamp", (0.0,)),),
+                          n_train=20, **common)
+    run_detox_study(bridge, tokenizer, detox, data_dir=data_dir, folder=tmp_path / "detox",
+                    progress=False)
+    saved = json.loads((tmp_path / "detox" / "test_extras.json").read_text())
+    assert len(saved["after"]["mmlu_correct"]) == 3 and saved["after"]["perplexity"] > 0
+    small = CompareSettings(kinds=("caa",), strengths=(), combine=(), n_train=4, n_neutral=0,
+                            **common)
+    ours = tmp_path / "detox" / "selected_edit"
+    plain = compare_edits(bridge, tokenizer, split, small, ours=ours, data_dir=data_dir,
+                          folder=tmp_path / "plain", progress=False)
+    measured = []
+    original = compare_module.held_out_values
+    monkeypatch.setattr(compare_module, "held_out_values",
+                        lambda *a, **k: measured.append(a[2]) or original(*a, **k))
+    reused = compare_edits(bridge, tokenizer, split, small, ours=ours, data_dir=data_dir,
+                           folder=tmp_path / "reused", measured=tmp_path / "detox",
+                           progress=False)
+    assert json.dumps(reused.test, sort_keys=True) == json.dumps(plain.test, sort_keys=True)
+    assert set(reused.test) >= {"unedited", "ours"}
+    assert [str(edit) for edit in measured] == [reused.test[m]["edit"] for m in reused.test
+                                                if m not in ("unedited", "ours")]
+    with pytest.raises(CompareError, match="no test_protocol.json"):
+        compare_edits(bridge, tokenizer, split, small, ours=ours, data_dir=data_dir,
+                      measured=tmp_path / "plain", progress=False)
