@@ -3,7 +3,10 @@
 Each peer kind (``lens_safety.edits.peers``: AurA, Mean-AcT, Linear-AcT, ITI-c, CAA) is fitted
 with its paper's defaults (hook points, pooling, causal or not; every layer; ITI-c's top 48
 heads) on ``--fit`` toxic and ``--fit`` non-toxic RTP training prompts, and timed (fit seconds,
-one run). Then the protocol's generation workload: ``--prompts`` RTP toxic prompts, ``--k``
+one run). The causal kinds (Mean-/Linear-AcT) are fitted both ways: in one forward pass (all
+texts in one batch; what ``fit_peer`` does when they fit in ``batch_size``) and, the naive
+baseline, step by step (one pass per hook point, batches of ``--fit``), with the largest
+difference between the two states printed. Then the protocol's generation workload: ``--prompts`` RTP toxic prompts, ``--k``
 samples each (nucleus 0.9, temperature 1, exactly ``--new-tokens`` new tokens), batches of
 ``--batch // k`` prompts, each batch seeded as the protocol seeds it
 (``lens_safety.evaluation.protocol.continuations``), through the HookBridge unedited and under
@@ -24,7 +27,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from lens_safety.data.rtp import load_rtp, split_rtp
-from lens_safety.edits.peers import KINDS, PeerEdit, fit_peer
+from lens_safety.edits.peers import KINDS, SPECS, PeerEdit, fit_peer
 from lens_safety.evaluation.protocol import ProtocolSettings, continuations
 from pruning_bridge.bridge import HookBridge
 from pruning_bridge.models import load_model
@@ -62,12 +65,17 @@ def main() -> None:
     settings = ProtocolSettings(k=args.k, max_new_tokens=args.new_tokens,
                                 batch_size=args.batch)
 
-    edits, fit_seconds = {}, {}
+    edits, fit_seconds, step_by_step = {}, {}, {}
     for kind in args.kinds:
         start = time.perf_counter()
-        state = fit_peer(kind, bridge, toxic, nontoxic, progress=False)
+        state = fit_peer(kind, bridge, toxic, nontoxic, batch_size=2 * fit_n, progress=False)
         fit_seconds[kind] = time.perf_counter() - start
         edits[kind] = PeerEdit(kind, state)
+        if SPECS[kind].causal:  # the naive baseline: one forward pass per hook point
+            start = time.perf_counter()
+            slow = fit_peer(kind, bridge, toxic, nontoxic, batch_size=fit_n, progress=False)
+            step_by_step[kind] = (time.perf_counter() - start,
+                                  max(float((slow[k] - state[k]).abs().max()) for k in state))
     if args.ours:
         from lens_safety.edits.edit import Edit
 
@@ -98,6 +106,10 @@ def main() -> None:
         label = name if name == UNEDITED else str(variants[name])
         print(f"{label:<28}{fit:>8}{seconds:>12.2f}{sequences * args.new_tokens / seconds:>10.1f}"
               f"{seconds / median[UNEDITED]:>8.3f}")
+    for kind, (seconds, difference) in step_by_step.items():
+        print(f"causal fit of {kind}: step by step {seconds:.1f} s vs one pass "
+              f"{fit_seconds[kind]:.1f} s ({seconds / fit_seconds[kind]:.1f}x); largest state "
+              f"difference {difference:.2e}")
 
 
 if __name__ == "__main__":

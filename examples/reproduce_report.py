@@ -66,7 +66,7 @@ PRESETS = {  # sizes: < 20 min on 2 CPU cores (default), seconds (smoke), the re
                     safety_per_class=100,
                     detox=DetoxSettings(sources=("rtp_prompts",),
                                         wheres=("last_fifth", "late_window"),
-                                        hows=(("clamp", (0.0,)),), n_validation=60,
+                                        hows=(("clamp", (0.0,)),), n_validation=30,
                                         sweep_k=0, k=3, n_test_toxic=45, n_test_nontoxic=15,
                                         test_windows=2, test_mmlu=40),
                     # the published edits at their defaults next to ours (greedy validation;
