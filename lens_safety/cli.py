@@ -359,6 +359,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--ours", type=input_folder, action="append", default=[],
                    help="our edit (a folder written by Edit.save, e.g. the detox study's "
                         "selected_edit); repeat for several candidates")
+    p.add_argument("--measured", type=input_folder, default=None, metavar="DIR",
+                   help="a detox study's folder (lens-safety detox --out): its test of the "
+                        "unedited model and of its selected edit (same model, prompts and "
+                        "settings) stands in for running them again")
     p.add_argument("--search-hows", type=hows_list, default=UNSET, metavar="HOWS",
                    help='our candidates to fit and sweep next to the peers, as detox --hows, '
                         'e.g. "clamp=0,0.25;subtract=1"')
@@ -405,7 +409,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     bridge, tokenizer = _load_bridge(args)
     out = Path(args.out)
     result = compare_edits(bridge, tokenizer, split, settings, ours=ours,
-                           data_dir=args.data_dir, folder=out)
+                           data_dir=args.data_dir, folder=out, measured=args.measured)
     print(format_table(result))
     save_figure(comparison_figure(result), out / "comparison")
     print(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'} and the figure")

@@ -188,6 +188,7 @@ def test_cli_compare_says_what_is_wrong_in_one_line(tmp_path, capsys):
                            (["--strengths", "rome=1"], "unknown peer 'rome'"),
                            (["--combine", "aura,rome"], "unknown peers 'rome'"),
                            (["--n-neutral", "-1"], "--n-neutral"),
+                           (["--measured", str(tmp_path / "nowhere")], "is not a folder"),
                            (["--k", "-1"], "--k")):
         with pytest.raises(SystemExit) as stop:
             main(base + extra)
