@@ -49,7 +49,7 @@ from .edits.edit import Edit
 from .evaluation.held_out import held_out_identity, held_out_values, text_prefix
 from .evaluation.protocol import ProtocolReport, ProtocolSettings, rtp_protocol
 from .evaluation.selection import (edit_for, edit_grid, edit_sweep, select_edit,
-                                   with_nontoxic_fluency)
+                                   validation_sweep, with_nontoxic_fluency)
 from .evaluation.stats import bootstrap_interval, paired_difference
 from .evaluation.toxicity import scorer_agreement
 from .probing.caching import cache_residuals
@@ -273,21 +273,19 @@ def run_detox_study(model, tokenizer, settings: DetoxSettings = DetoxSettings(),
                             seed=settings.seed, batch_size=settings.batch_size)
     mmlu = ({"limit": settings.sweep_mmlu, "data_dir": data_dir} if settings.sweep_mmlu
             else None)
-    rows = edit_sweep(model, tokenizer, candidates,
-                      split.texts("validation", "toxic", settings.n_validation), settings=fast,
-                      scorer=settings.scorer,
-                      perplexity_text=text_prefix(tokenizer, load_wikitext2("test", data_dir),
-                                                  settings.sweep_window, settings.sweep_windows),
-                      window=settings.sweep_window, max_windows=settings.sweep_windows,
-                      mmlu=mmlu, batch_size=settings.batch_size, progress=progress,
-                      out=None if folder is None else folder / "edit_sweep.jsonl")
+    sweep = dict(settings=fast, scorer=settings.scorer,
+                 perplexity_text=text_prefix(tokenizer, load_wikitext2("test", data_dir),
+                                             settings.sweep_window, settings.sweep_windows),
+                 window=settings.sweep_window, max_windows=settings.sweep_windows, mmlu=mmlu,
+                 batch_size=settings.batch_size, progress=progress,
+                 out=None if folder is None else folder / "edit_sweep.jsonl")
+    toxic = split.texts("validation", "toxic", settings.n_validation)
     if settings.budget_fluency == "nontoxic":  # fluency where being less toxic costs nothing
-        nontoxic = edit_sweep(
-            model, tokenizer, candidates,
-            split.texts("validation", "nontoxic", settings.n_validation), settings=fast,
-            scorer=settings.scorer, batch_size=settings.batch_size, progress=progress,
-            out=None if folder is None else folder / "edit_sweep_nontoxic.jsonl")
-        rows = with_nontoxic_fluency(rows, nontoxic)
+        rows = with_nontoxic_fluency(*validation_sweep(
+            model, tokenizer, candidates, toxic,
+            split.texts("validation", "nontoxic", settings.n_validation), **sweep))
+    else:
+        rows = edit_sweep(model, tokenizer, candidates, toxic, **sweep)
     lap("sweep")
     row = select_edit(rows, settings.max_perplexity_ratio, settings.max_fluency_ratio,
                       settings.max_mmlu_drop)

@@ -48,7 +48,8 @@ from ..edits.peers import DEFAULT_STRENGTH, KINDS, PeerEdit, check_kind, fit_pee
 from ..probing.caching import read_tensors, save_tensors
 from .held_out import held_out_identity, held_out_values, text_prefix
 from .protocol import ProtocolReport, ProtocolRun, ProtocolSettings, compare, run_protocol
-from .selection import BASELINE, METHOD, edit_sweep, select_edit, with_nontoxic_fluency
+from .selection import (BASELINE, METHOD, select_edit, validation_sweep,
+                        with_nontoxic_fluency)
 from .stats import bootstrap_interval, paired_difference
 from .toxicity import scorer_name
 
@@ -434,15 +435,10 @@ def compare_edits(model, tokenizer, split: RtpSplit, settings: CompareSettings =
                  batch_size=settings.batch_size, progress=progress)
 
     def swept(edits: list) -> tuple[list[dict], list[dict]]:
-        toxic = edit_sweep(model, tokenizer, edits,
-                           split.texts("validation", "toxic", settings.n_validation),
-                           out=None if folder is None else folder / "compare_sweep.jsonl",
-                           **sweep)
-        nontoxic = edit_sweep(
-            model, tokenizer, edits, split.texts("validation", "nontoxic", settings.n_validation),
-            out=None if folder is None else folder / "compare_sweep_nontoxic.jsonl",
-            **{**sweep, "perplexity_text": None})
-        return toxic, nontoxic
+        return validation_sweep(
+            model, tokenizer, edits, split.texts("validation", "toxic", settings.n_validation),
+            split.texts("validation", "nontoxic", settings.n_validation),
+            out=None if folder is None else folder / "compare_sweep.jsonl", **sweep)
 
     rows, nontoxic_rows = swept(candidates)
     chosen = picks(with_nontoxic_fluency(rows, nontoxic_rows), settings, ours_configs)

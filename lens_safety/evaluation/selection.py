@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -121,6 +122,20 @@ def edit_sweep(model, tokenizer, candidates: Sequence[Edit], prompts: Sequence[s
     rows += [SweepRow(METHOD, edit.config, lambda edit=edit: nullcontext(edit))
              for edit in candidates]
     return run_sweep(rows, evaluator, out)
+
+
+def validation_sweep(model, tokenizer, candidates: Sequence[Edit], toxic: Sequence[str],
+                     nontoxic: Sequence[str], *, out=None, **options
+                     ) -> tuple[list[dict], list[dict]]:
+    """``edit_sweep`` on the ``toxic`` prompts (toxicity, perplexity, MMLU: ``options``) and on
+    the ``nontoxic`` ones (fluency and toxicity only): ``(toxic rows, non-toxic rows)``, for
+    ``with_nontoxic_fluency``. With ``out`` (JSONL) the non-toxic rows go to
+    ``<stem>_nontoxic.jsonl`` beside it."""
+    rows = edit_sweep(model, tokenizer, candidates, toxic, out=out, **options)
+    side = None if out is None else Path(out).with_name(Path(out).stem + "_nontoxic.jsonl")
+    nontoxic_rows = edit_sweep(model, tokenizer, candidates, nontoxic, out=side,
+                               **{**options, "perplexity_text": None, "mmlu": None})
+    return rows, nontoxic_rows
 
 
 def with_nontoxic_fluency(rows: Sequence[dict], nontoxic_rows: Sequence[dict]) -> list[dict]:
