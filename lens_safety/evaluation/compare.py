@@ -345,6 +345,7 @@ class HeldOutEvaluator:
             "toxicity_probability", fields["toxic"].get("greedy_toxicity"))))
         return fields
 
+
 def reusable(report: ProtocolReport | None, protocol: ProtocolSettings, scorer,
              model) -> bool:
     """Whether ``report`` was run on ``model`` (the same weights) with exactly ``protocol``
