@@ -272,8 +272,8 @@ def fit_causal_in_one_pass(bridge, source: Sequence[str], target: Sequence[str],
     ``collect_activations`` pools them (the same tokens kept under ``max_tokens``), ``fit``
     gives the state, and ``apply(z, **state, **apply_kwargs)`` edits the batch before the
     forward moves on: every point is fitted with the earlier points' maps in place. Equal to
-    the step-by-step fit on a batch holding both classes, up to float rounding from padding the
-    two classes together."""
+    the step-by-step fit up to float rounding from the batch's shape (which Linear-AcT's
+    discontinuous support can amplify, as any change of batch size does)."""
     names = list(dict.fromkeys(names))
     if getattr(bridge, "remote", None) is not None:
         raise ActError("Fitting in one pass runs the fit inside the forward: use a local "

@@ -193,7 +193,7 @@ def collect_activations(bridge, texts: Sequence[str], names: Sequence[str] | str
     kept: dict[str, Tensor] = {}
     for start in tqdm(starts, desc=f"activations ({pool})", disable=not show, leave=False):
         ids, mask = tokenize_padded(tokenizer, texts[start:start + batch_size], padding_side,
-                              max_length)
+                                    max_length)
         _, cache = bridge.forward(ids, attention_mask=mask, names=names, logits=False)
         rows = {name: pool_activations(cache[name], mask, pool, skip_first).float().cpu()
                 for name in names}

@@ -240,15 +240,16 @@ def fit_peer(kind: str, model, positive: Sequence[str], negative: Sequence[str],
         return _fit_one(kind, toxic, nontoxic, seed)
 
     apply = apply_linear_act if kind == "linear_act" else apply_mean_act
-    if causal and bridge.remote is None and len(positive) + len(negative) <= batch_size:
+    if not causal:
+        states = fit_causal([names], collect, fit, progress=progress)
+    elif bridge.remote is None and len(positive) + len(negative) <= batch_size:
         # every text in one batch: one forward fits every point causally (not one per point)
         states = fit_causal_in_one_pass(
             bridge, positive, negative, names, fit, apply, lam=1.0, pool=pool,
             skip_first=skip_first, max_length=max_length, max_tokens=options["max_tokens"],
             seed=seed)
     else:
-        applied = bridge_applier(bridge, apply, lam=1.0) if causal else None
-        states = fit_causal(names if causal else [names], collect, fit, applied,
+        states = fit_causal(names, collect, fit, bridge_applier(bridge, apply, lam=1.0),
                             progress=progress)
     if kind == "iti_c":
         _top_heads(states, top_heads)
